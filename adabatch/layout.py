@@ -1,0 +1,119 @@
+"""How the endless stream of shuffled epochs is cut into batches.
+
+The sampler walks a stream made of one permutation of the dataset per epoch, laid end to end;
+epoch ``e`` occupies stream positions ``[e * N, (e + 1) * N)``. A batch is a contiguous slice of
+the stream. :class:`EpochLayout` decides, from a stream position and the size the scheduler
+wants there, where the next batch starts and how large it is. The sampler (which draws batches,
+possibly ahead of training) and the scheduler (which counts what was trained) both call it, so
+they agree on every batch without talking to each other.
+
+Remainder policies, for a dataset of ``N`` samples, ``R`` replicas and a wanted size ``b``:
+
+``"balance"`` (default)
+    Batches have size ``b`` until fewer than ``2b`` samples are left in the epoch; the rest is
+    then split into one or two batches of nearly equal size (they differ by at most one sample
+    per replica). Each is at most ``b``, unless splitting in two would put a batch below
+    ``min_batch_size``, in which case the rest is one batch of fewer than ``2 * min_batch_size``
+    samples per replica (which the cap must allow). Every index appears exactly once per epoch.
+    If ``N`` is not a multiple of ``R``, the last ``N % R`` samples of each epoch's permutation
+    (a different few each epoch when shuffling) are left out of that epoch.
+``"wrap"``
+    Every batch has exactly size ``b``; the last batch of an epoch is completed from the start
+    of the next epoch's permutation, which then begins after it. Nothing is left out, and every
+    index appears exactly once per pass over the stream; a batch that straddles two epochs may
+    hold the same index twice.
+``"drop"``
+    Every batch has exactly size ``b``; when fewer than ``b`` samples are left in the epoch they
+    are skipped, like ``drop_last=True``. The skipped tail still counts as progress.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .schedules.base import check_positive_int
+
+__all__ = ["EpochLayout", "REMAINDER_POLICIES"]
+
+REMAINDER_POLICIES = ("balance", "wrap", "drop")
+
+
+class EpochLayout:
+    """Cuts the stream of epochs into batches under a remainder policy.
+
+    Args:
+        dataset_size (int): samples per epoch, ``N``.
+        num_replicas (int): processes that share every batch equally. Default: 1.
+        remainder (str): ``"balance"``, ``"wrap"`` or ``"drop"``. Default: ``"balance"``.
+        min_batch_size (int): per-replica floor that ``"balance"`` keeps tail batches above.
+            Default: 1.
+    """
+
+    def __init__(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance", min_batch_size: int = 1):
+        if isinstance(dataset_size, int) and not isinstance(dataset_size, bool) and dataset_size == 0:
+            raise ValueError("the dataset is empty: an AdaptiveBatchSampler needs at least one sample")
+        self.dataset_size = check_positive_int("dataset_size", dataset_size)
+        self.num_replicas = check_positive_int("num_replicas", num_replicas)
+        if remainder not in REMAINDER_POLICIES:
+            raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
+        self.remainder = remainder
+        self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
+        if dataset_size < num_replicas:
+            raise ValueError(f"dataset_size ({dataset_size}) must be at least num_replicas ({num_replicas})")
+        # Under "balance" each epoch uses the largest multiple of num_replicas that fits.
+        self.usable = dataset_size - dataset_size % num_replicas
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.dataset_size
+
+    def epoch_start(self, epoch: int) -> int:
+        return epoch * self.dataset_size
+
+    def next_batch(self, position: int, target_at: Callable[[int], int]) -> tuple[int, int]:
+        """Where the next batch starts at or after ``position``, and its global size.
+
+        Args:
+            position (int): stream position after the last batch.
+            target_at (callable): the constrained global batch size wanted at a position.
+
+        Returns:
+            ``(start, size)``. ``start`` is ``position`` unless the policy skips the rest of an
+            epoch, in which case it is the first position of the next epoch.
+        """
+        size = target_at(position)
+        if self.remainder == "wrap":
+            return position, size
+        epoch, offset = divmod(position, self.dataset_size)
+        left = self.usable - offset
+        if left < self.num_replicas or (self.remainder == "drop" and left < size):
+            start = (epoch + 1) * self.dataset_size
+            return start, self.next_batch(start, target_at)[1]
+        if self.remainder == "drop" or left >= 2 * size:
+            return position, size
+        return position, self._tail_batch(left, size)
+
+    def _tail_batch(self, left: int, size: int) -> int:
+        """Size of the first of the batches that share the last ``left < 2 * size`` samples."""
+        replicas = self.num_replicas
+        left_per_replica, size_per_replica = left // replicas, size // replicas
+        batches = -(-left_per_replica // size_per_replica)
+        if batches > 1 and left_per_replica // batches < self.min_batch_size:
+            batches -= 1
+        return -(-left_per_replica // batches) * replicas
+
+    def batches_until_epoch_end(self, position: int, target_at: Callable[[int], int]) -> int:
+        """How many batches :meth:`next_batch` yields from ``position`` to the end of its epoch."""
+        end = self.epoch_start(self.epoch_of(position) + 1)
+        count = 0
+        while True:
+            start, size = self.next_batch(position, target_at)
+            if start >= end:
+                return count
+            count += 1
+            position = start + size
+
+    def __repr__(self) -> str:
+        return (
+            f"EpochLayout(dataset_size={self.dataset_size}, num_replicas={self.num_replicas}, "
+            f"remainder={self.remainder!r}, min_batch_size={self.min_batch_size})"
+        )

@@ -1,0 +1,76 @@
+"""TensorBoard curves of the batch size and the learning rate.
+
+The logger only needs an object with ``add_scalar`` and ``add_custom_scalars`` (a
+``torch.utils.tensorboard.SummaryWriter``); tensorboard itself is imported by the writer, not here.
+Each quantity is written twice: against the optimizer step (tag prefix ``adabatch/``) and against
+samples seen (prefix ``adabatch_vs_samples/``), so runs with different batch schedules line up on
+the second set of curves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+__all__ = ["TensorBoardLogger", "STEP_PREFIX", "SAMPLES_PREFIX"]
+
+STEP_PREFIX = "adabatch"
+SAMPLES_PREFIX = "adabatch_vs_samples"
+
+
+class TensorBoardLogger:
+    """Writes the scheduler's curves to a ``SummaryWriter``.
+
+    Args:
+        writer (SummaryWriter): where to write.
+        log_every (int): write every ``log_every`` optimizer steps, and at every batch-size
+            change. Default: 1.
+    """
+
+    def __init__(self, writer: Any, log_every: int = 1) -> None:
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+        self.writer = writer
+        self.log_every = log_every
+        self._layout_written = False
+        self._last_batch_size: int | None = None
+
+    def layout(self, num_groups: int) -> dict:
+        """The custom-scalars layout: batch size and learning rate on one dashboard."""
+        lr_tags = [f"{STEP_PREFIX}/lr/group_{i}" for i in range(num_groups)]
+        lr_tags_by_samples = [f"{SAMPLES_PREFIX}/lr/group_{i}" for i in range(num_groups)]
+        return {
+            "adabatch": {
+                "batch size": ["Multiline", [f"{STEP_PREFIX}/batch_size", f"{SAMPLES_PREFIX}/batch_size"]],
+                "learning rate (effective)": ["Multiline", lr_tags],
+                "learning rate vs samples": ["Multiline", lr_tags_by_samples],
+                "LR factor": ["Multiline", [f"{STEP_PREFIX}/lr_factor"]],
+                "progress": ["Multiline", [f"{STEP_PREFIX}/samples_seen", f"{STEP_PREFIX}/epoch"]],
+            }
+        }
+
+    def log_step(self, step: int, samples_seen: int, values: Mapping[str, float], lrs: list[float]) -> None:
+        """Write one optimizer step's values.
+
+        Args:
+            step (int): optimizer steps taken, the x-axis of the ``adabatch/`` curves.
+            samples_seen (int): samples trained on, the x-axis of the ``adabatch_vs_samples/`` curves.
+            values (mapping): scalar name to value, e.g. ``batch_size``, ``lr_factor``, ``epoch``.
+            lrs (list of float): effective learning rate of each parameter group.
+        """
+        if not self._layout_written:
+            self.writer.add_custom_scalars(self.layout(len(lrs)))
+            self._layout_written = True
+        batch_size = values.get("batch_size")
+        changed = batch_size is not None and batch_size != self._last_batch_size
+        self._last_batch_size = batch_size  # type: ignore[assignment]
+        if step % self.log_every and not changed:
+            return
+        scalars = dict(values)
+        scalars.update({f"lr/group_{i}": lr for i, lr in enumerate(lrs)})
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"{STEP_PREFIX}/{name}", value, step)
+            self.writer.add_scalar(f"{SAMPLES_PREFIX}/{name}", value, samples_seen)
+        self.writer.add_scalar(f"{STEP_PREFIX}/samples_seen", samples_seen, step)
+
+    def flush(self) -> None:
+        self.writer.flush()

@@ -1,0 +1,243 @@
+"""AdaptiveBatchSampler: batches of the size the scheduler wants, with no ragged tail and no lost data."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sized
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .layout import EpochLayout
+from .scheduler import BatchSizeScheduler
+from .schedules.base import check_positive_int
+
+__all__ = ["AdaptiveBatchSampler"]
+
+
+class AdaptiveBatchSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices whose sizes follow a :class:`~adabatch.BatchSizeScheduler`.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)``. The sampler reads one shuffled
+    permutation of the dataset per epoch (seeded with ``seed + epoch``, as
+    ``DistributedSampler`` does) and slices it into batches; the size of each batch comes from
+    the scheduler at the batch's position in the stream, so it does not depend on how far ahead
+    DataLoader workers prefetch.
+
+    How the end of an epoch is handled is set by ``remainder`` (exact bounds in
+    :mod:`adabatch.layout`):
+
+    * ``"balance"`` (default): the last one or two batches of an epoch share the remaining
+      samples evenly, none below ``min_batch_size`` and none above the cap; every index is
+      used exactly once per epoch.
+    * ``"wrap"``: every batch has exactly the scheduled size; the end of an epoch is completed
+      from the start of the next one, so nothing is lost.
+    * ``"drop"``: every batch has exactly the scheduled size and a short tail is skipped, like
+      ``drop_last=True``.
+
+    With ``num_replicas > 1`` every replica gets an equal, disjoint share of each global batch
+    (contiguous in the global batch, ordered by rank). If the dataset size is not a multiple of
+    ``num_replicas``, ``"balance"`` leaves out the last ``dataset_size % num_replicas`` samples
+    of each epoch's permutation (a different few each epoch when shuffling); ``"wrap"`` loses
+    none.
+
+    An iteration yields the rest of the current epoch: from where training stands (the
+    scheduler's trained position, or the sampler's own position if the scheduler has not been
+    stepped) to the end of the epoch. :meth:`set_epoch` moves forward to the start of an epoch;
+    without it, each new iteration continues with the next epoch.
+
+    Args:
+        data_source (Sized or int): the dataset, or its size.
+        scheduler (BatchSizeScheduler): decides the batch sizes.
+        shuffle (bool): shuffle each epoch. Default: ``True``.
+        seed (int): seed of the shuffle, the same on every replica. Default: 0.
+        remainder (str): ``"balance"``, ``"wrap"`` or ``"drop"``. Default: ``"balance"``.
+        num_replicas (int, optional): processes sharing each batch. Default: 1.
+        rank (int, optional): this process's rank in ``[0, num_replicas)``. Default: 0.
+
+    Example:
+        >>> sampler = AdaptiveBatchSampler(train_set, scheduler, shuffle=True, seed=0)
+        >>> loader = DataLoader(train_set, batch_sampler=sampler, num_workers=2)
+        >>> for epoch in range(20):
+        ...     sampler.set_epoch(epoch)
+        ...     for x, y in loader:
+        ...         ...
+    """
+
+    _EPOCH = "epoch"
+    _POSITION = "position"
+    _SEED = "seed"
+    _SHUFFLE = "shuffle"
+    _DATASET_SIZE = "dataset_size"
+    _REMAINDER = "remainder"
+    _NUM_REPLICAS = "num_replicas"
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        scheduler: BatchSizeScheduler,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        remainder: str = "balance",
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(data_source, int) and not isinstance(data_source, bool):
+            dataset_size = data_source
+        elif isinstance(data_source, Sized):
+            dataset_size = len(data_source)
+        else:
+            raise TypeError(f"data_source must be a sized dataset or an int, got {type(data_source).__name__}")
+        if not isinstance(scheduler, BatchSizeScheduler):
+            raise TypeError(f"scheduler must be a BatchSizeScheduler, got {type(scheduler).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        num_replicas = 1 if num_replicas is None else check_positive_int("num_replicas", num_replicas)
+        rank = 0 if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an integer in [0, {num_replicas - 1}], got {rank!r}")
+        self.scheduler = scheduler
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.layout: EpochLayout = scheduler.bind(dataset_size, num_replicas, remainder)
+        self.dataset_size = dataset_size
+        self.remainder = remainder
+        self._epoch = 0
+        self._cursor = 0  # stream position after the last batch this sampler drew
+        self._permutations: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch``, unless training is already inside it.
+
+        Raises:
+            ValueError: if ``epoch`` is negative or already over (epochs only move forward;
+                load an earlier ``state_dict`` to replay one).
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        current = self.layout.epoch_of(self._resume_position(floor_epoch=0))
+        if epoch < current:
+            raise ValueError(
+                f"set_epoch({epoch}): epoch {epoch} is already over, training is in epoch {current}. Epochs "
+                f"only move forward; load an earlier state_dict to replay one"
+            )
+        self._epoch = epoch
+
+    def _resume_position(self, floor_epoch: int | None = None) -> int:
+        """Stream position of the next batch: the trained position if known, else the sampler's own."""
+        trained = self.scheduler.trained_position()
+        position = self._cursor if trained is None else trained
+        epoch = self._epoch if floor_epoch is None else floor_epoch
+        position = max(position, self.layout.epoch_start(epoch))
+        return self.scheduler.next_batch(position)[0]
+
+    # --------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self._resume_position()
+        self._epoch = self.layout.epoch_of(start)
+        return _BatchIterator(self, start, self.layout.epoch_start(self._epoch + 1))
+
+    def __len__(self) -> int:
+        """Batches in the coming iteration (exact for schedules that depend on progress only)."""
+        return self.layout.batches_until_epoch_end(self._resume_position(), self.scheduler.target_at)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        permutation = self._permutations.get(epoch)
+        if permutation is None:
+            if self.shuffle:
+                generator = torch.Generator()
+                generator.manual_seed(self.seed + epoch)
+                permutation = torch.randperm(self.dataset_size, generator=generator).numpy()
+            else:
+                permutation = np.arange(self.dataset_size)
+            # A batch may straddle two epochs (under "wrap"); older ones are not read again.
+            self._permutations = {e: p for e, p in self._permutations.items() if e == epoch - 1}
+            self._permutations[epoch] = permutation
+        return permutation
+
+    def indices(self, start: int, size: int) -> list[int]:
+        """This replica's share of the global batch ``[start, start + size)`` of the stream."""
+        share = size // self.num_replicas
+        first = start + self.rank * share
+        last = first + share
+        epoch, offset = divmod(first, self.dataset_size)
+        permutation = self._permutation(epoch)
+        end = offset + share
+        if end <= self.dataset_size:
+            return permutation[offset:end].tolist()
+        head = permutation[offset:].tolist()
+        return head + self._permutation(epoch + 1)[: last - (epoch + 1) * self.dataset_size].tolist()
+
+    # -------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """A new dict with the sampler's position (what a ``StatefulDataLoader`` snapshots as
+        each batch is drawn) and the settings a resumed run must share."""
+        return {
+            self._EPOCH: self._epoch,
+            self._POSITION: self._cursor,
+            self._SEED: self.seed,
+            self._SHUFFLE: self.shuffle,
+            self._DATASET_SIZE: self.dataset_size,
+            self._REMAINDER: self.remainder,
+            self._NUM_REPLICAS: self.num_replicas,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: if a key is missing, a value is negative, or the state was saved with
+                another dataset size, seed, shuffle or remainder policy.
+        """
+        for key in (self._EPOCH, self._POSITION, self._SEED, self._SHUFFLE, self._DATASET_SIZE, self._REMAINDER):
+            if key not in state_dict:
+                raise ValueError(f"sampler state_dict is missing {key!r}")
+        for key in (self._EPOCH, self._POSITION):
+            value = state_dict[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"sampler state_dict[{key!r}] must be a non-negative integer, got {value!r}")
+        for key, mine in ((self._DATASET_SIZE, self.dataset_size), (self._SEED, self.seed),
+                          (self._SHUFFLE, self.shuffle), (self._REMAINDER, self.remainder)):
+            if state_dict[key] != mine:
+                raise ValueError(
+                    f"sampler state_dict was saved with {key}={state_dict[key]!r}, but this sampler has "
+                    f"{key}={mine!r}; resuming would train on other batches"
+                )
+        self._epoch = state_dict[self._EPOCH]
+        self._cursor = state_dict[self._POSITION]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dataset_size={self.dataset_size}, shuffle={self.shuffle}, seed={self.seed}, "
+            f"remainder={self.remainder!r}, num_replicas={self.num_replicas}, rank={self.rank})"
+        )
+
+
+class _BatchIterator:
+    """One pass over the rest of an epoch; owns the stream position of that pass."""
+
+    def __init__(self, sampler: AdaptiveBatchSampler, position: int, end: int) -> None:
+        self.sampler = sampler
+        self.position = position
+        self.end = end
+
+    def __iter__(self) -> _BatchIterator:
+        return self
+
+    def __next__(self) -> list[int]:
+        start, size = self.sampler.scheduler.next_batch(self.position)
+        if start >= self.end:
+            self.sampler._cursor = max(self.sampler._cursor, start)
+            raise StopIteration
+        self.position = start + size
+        self.sampler._cursor = self.position
+        return self.sampler.indices(start, size)

@@ -1,0 +1,17 @@
+"""Batch-size schedules: pure functions from training progress to a global batch size."""
+
+from .base import Progress, Schedule, ScheduleFn
+from .constant import Constant
+from .geometric import Geometric
+from .lambda_schedule import Lambda
+from .linear import Linear
+from .step import Step
+
+__all__ = ["Constant", "Geometric", "Lambda", "Linear", "Progress", "Schedule", "ScheduleFn", "Step", "as_schedule"]
+
+
+def as_schedule(schedule: Schedule | ScheduleFn) -> Schedule:
+    """Return ``schedule`` itself if it is a :class:`Schedule`, else wrap the callable in :class:`Lambda`."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    return Lambda(schedule)

@@ -1,0 +1,103 @@
+"""The schedule interface: a batch size as a pure function of training progress.
+
+A schedule answers one question: how large should the global batch be at this point
+of training? It never accumulates state by multiplying the previous value; given the same
+:class:`Progress` it returns the same size, so a run that is stopped and resumed sees the
+same sizes as one that was not.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int", "check_unit"]
+
+#: Units in which a schedule's milestones and lengths may be given.
+UNITS = ("epoch", "sample")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands, in samples of the data stream.
+
+    Args:
+        samples (int): samples of the data stream passed so far (global, over all replicas).
+            Under ``remainder="drop"`` the dropped tail of an epoch counts as passed, so that
+            epoch ``e`` always begins at ``e * dataset_size``.
+        dataset_size (int, optional): samples in one epoch; needed for epoch units.
+    """
+
+    samples: int
+    dataset_size: int | None = None
+
+    @property
+    def epoch(self) -> float:
+        """Epochs passed, as a float (``samples / dataset_size``)."""
+        if self.samples == 0:
+            return 0.0
+        if self.dataset_size is None:
+            raise ValueError(
+                "this schedule is given in epochs, so it needs the dataset size: pass "
+                "dataset_size= to BatchSizeScheduler or build an AdaptiveBatchSampler on it"
+            )
+        return self.samples / self.dataset_size
+
+    def in_unit(self, unit: str) -> float:
+        """Progress measured in ``unit`` (``"epoch"`` or ``"sample"``)."""
+        return self.epoch if unit == "epoch" else float(self.samples)
+
+
+#: Any callable from progress to a (possibly fractional) batch size is a schedule.
+ScheduleFn = Callable[[Progress], float]
+
+
+class Schedule(abc.ABC):
+    """Base class of the built-in schedules.
+
+    Subclasses implement :meth:`batch_size_at`; the result may be fractional, and is rounded
+    and bounded by :class:`~adabatch.constraints.BatchSizeConstraints`, never here.
+    """
+
+    @abc.abstractmethod
+    def batch_size_at(self, progress: Progress) -> float:
+        """The global batch size this schedule asks for at ``progress``."""
+
+    def __call__(self, progress: Progress) -> float:
+        return self.batch_size_at(progress)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is a positive int, else raise a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_unit(unit: object) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    return unit  # type: ignore[return-value]
+
+
+def check_milestones(milestones: Sequence[float]) -> list[float]:
+    """Milestones must be positive and strictly increasing."""
+    values = list(milestones)
+    for value in values:
+        check_positive_number("each milestone", value)
+    for earlier, later in zip(values, values[1:]):
+        if later <= earlier:
+            raise ValueError(f"milestones must be strictly increasing, got {values!r}")
+    return values
