@@ -2,15 +2,17 @@
 
 A rule maps the ratio ``batch_size / reference_batch_size`` to a factor on the learning rate.
 :class:`LRFactorHook` multiplies every parameter group's ``lr`` by that factor just before
-``optimizer.step()`` and puts the original value back just after, so the user's own LR
-scheduler only ever reads and writes the unscaled value and keeps working unchanged (the same
-approach as pytorch_warmup's dampening).
+``optimizer.step()`` runs and puts the original value back as soon as it returns (or raises),
+so the user's own LR scheduler only ever reads and writes the unscaled value and keeps working
+unchanged (the same approach as pytorch_warmup's dampening).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Union
+import types
+from typing import Any, Callable, Union
 
 import torch
 
@@ -55,11 +57,16 @@ class LRFactorHook:
     """Applies a factor to every parameter group's learning rate for the duration of each
     ``optimizer.step()``.
 
+    The optimizer's ``step`` is wrapped (as ``torch.optim.lr_scheduler`` does to count steps),
+    so that the learning rates are restored in a ``finally`` clause: an exception inside the
+    step, e.g. from its closure, cannot leave them scaled for an LR scheduler to compound.
+    Step pre-hooks registered on the optimizer see the scaled values.
+
     Args:
         optimizer (Optimizer): the wrapped optimizer.
         factor (callable): returns the factor to apply at the coming step.
 
-    After each step, :attr:`last_effective_lrs` holds the learning rates the step used.
+    After each step, :attr:`last_factor` and :attr:`last_effective_lrs` hold what the step used.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[], float]) -> None:
@@ -67,29 +74,33 @@ class LRFactorHook:
         self.factor = factor
         self.last_effective_lrs: list[float] | None = None
         self.last_factor: float | None = None
-        self._saved_lrs: list | None = None
-        self._handles = [
-            optimizer.register_step_pre_hook(self._scale),
-            optimizer.register_step_post_hook(self._restore),
-        ]
+        self._active = True
+        step = optimizer.step
 
-    def _scale(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        # A step that raised after this hook never ran the post-hook: undo that one first.
-        self._restore(optimizer, args, kwargs)
+        @functools.wraps(step)
+        def scaled_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if not self._active:
+                return step(*args, **kwargs)
+            saved = self._scale()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for group, lr in zip(optimizer.param_groups, saved):
+                    group["lr"] = lr
+
+        # A bound method, as torch.optim.lr_scheduler expects when it wraps step() in turn.
+        optimizer.step = types.MethodType(scaled_step, optimizer)  # type: ignore[method-assign]
+
+    def _scale(self) -> list:
         factor = self.factor()
-        self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
-        for group, lr in zip(optimizer.param_groups, self._saved_lrs):
+        groups = self.optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        for group, lr in zip(groups, saved):
             group["lr"] = lr * factor
         self.last_factor = factor
-        self.last_effective_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-
-    def _restore(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._saved_lrs is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved_lrs):
-                group["lr"] = lr
-            self._saved_lrs = None
+        self.last_effective_lrs = [float(group["lr"]) for group in groups]
+        return saved
 
     def remove(self) -> None:
-        """Detach from the optimizer."""
-        for handle in self._handles:
-            handle.remove()
+        """Stop scaling; the optimizer's step then runs as if unwrapped."""
+        self._active = False
