@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterator, Mapping, Sized
 
 import numpy as np
@@ -41,10 +42,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     of each epoch's permutation (a different few each epoch when shuffling); ``"wrap"`` loses
     none.
 
-    An iteration yields the rest of the current epoch: from where training stands (the
-    scheduler's trained position, or the sampler's own position if the scheduler has not been
-    stepped) to the end of the epoch. :meth:`set_epoch` moves forward to the start of an epoch;
-    without it, each new iteration continues with the next epoch.
+    An iteration yields the rest of an epoch, from where training stands (the scheduler's
+    trained position; see :meth:`_resume_position`) to the end of the epoch. After
+    :meth:`set_epoch` it is the rest of that epoch; without it, each new iteration continues
+    with the epoch the stream is in, so forgetting ``set_epoch`` does not replay the same order.
 
     Args:
         data_source (Sized or int): the dataset, or its size.
@@ -107,7 +108,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.dataset_size = dataset_size
         self.remainder = remainder
         self._epoch = 0
+        self._epoch_requested = False  # set_epoch() was called since the last iteration began
         self._cursor = 0  # stream position after the last batch this sampler drew
+        self._cursor_known = False  # drawn from, or restored
         self._permutations: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ epochs
@@ -116,39 +119,64 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Move to the start of ``epoch``, unless training is already inside it.
+        """Make the next iteration cover the rest of ``epoch``.
+
+        A later epoch moves the stream forward to its start (and the scheduler with it). The
+        epoch training is in, or the one just finished, gives the rest of that epoch (possibly
+        nothing), so a loop resumed from a checkpoint can call ``set_epoch`` with the epoch
+        counter it saved.
 
         Raises:
-            ValueError: if ``epoch`` is negative or already over (epochs only move forward;
-                load an earlier ``state_dict`` to replay one).
+            ValueError: if ``epoch`` is negative or already over, other than the one just
+                finished (epochs only move forward; load an earlier ``state_dict`` to replay one).
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        current = self.layout.epoch_of(self._resume_position(floor_epoch=0))
-        if epoch < current:
+        current = self.layout.epoch_of(self._resume_position())
+        # One epoch back is the epoch just finished, unless an iteration of a later one began.
+        if epoch < current - 1 or (epoch == current - 1 and epoch < self._epoch):
             raise ValueError(
                 f"set_epoch({epoch}): epoch {epoch} is already over, training is in epoch {current}. Epochs "
                 f"only move forward; load an earlier state_dict to replay one"
             )
-        self._epoch = epoch
+        self._epoch = int(epoch)
+        self._epoch_requested = True
 
-    def _resume_position(self, floor_epoch: int | None = None) -> int:
-        """Stream position of the next batch: the trained position if known, else the sampler's own."""
+    def _resume_position(self) -> int:
+        """Stream position of the next batch.
+
+        The scheduler's trained position and the sampler's own drawn position normally agree.
+        A plain DataLoader draws ahead of training, so after a restart the drawn position is
+        ahead and the trained one is right; a StatefulDataLoader may restore an older snapshot
+        of the sampler and replay the batches since, so the drawn position is behind and is
+        right. Hence the smaller of the two, where both are known.
+        """
         trained = self.scheduler.trained_position()
-        position = self._cursor if trained is None else trained
-        epoch = self._epoch if floor_epoch is None else floor_epoch
-        position = max(position, self.layout.epoch_start(epoch))
-        return self.scheduler.next_batch(position)[0]
+        known = [p for p in (trained, self._cursor if self._cursor_known else None) if p is not None]
+        return min(known, default=0)
 
     # --------------------------------------------------------------- iteration
-    def __iter__(self) -> Iterator[list[int]]:
+    def _coming_epoch(self) -> tuple[int, int, int]:
+        """``(epoch, start, end)`` of the coming iteration: batches starting in ``[start, end)``."""
         start = self._resume_position()
-        self._epoch = self.layout.epoch_of(start)
-        return _BatchIterator(self, start, self.layout.epoch_start(self._epoch + 1))
+        if self._epoch_requested:
+            start = max(start, self.layout.epoch_start(self._epoch))
+        start = self.scheduler.next_batch(start)[0]
+        epoch = self._epoch if self._epoch_requested else self.layout.epoch_of(start)
+        return epoch, start, self.layout.epoch_start(epoch + 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self._epoch, start, end = self._coming_epoch()
+        self._epoch_requested = False
+        # set_epoch may have moved the stream past what the scheduler counted as trained.
+        self.scheduler.skip_to(start)
+        self._cursor, self._cursor_known = start, True
+        return _BatchIterator(self, start, end)
 
     def __len__(self) -> int:
         """Batches in the coming iteration (exact for schedules that depend on progress only)."""
-        return self.layout.batches_until_epoch_end(self._resume_position(), self.scheduler.target_at)
+        _, start, end = self._coming_epoch()
+        return 0 if start >= end else self.layout.batches_until_epoch_end(start, self.scheduler.target_at)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         permutation = self._permutations.get(epoch)
@@ -213,7 +241,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                     f"{key}={mine!r}; resuming would train on other batches"
                 )
         self._epoch = state_dict[self._EPOCH]
-        self._cursor = state_dict[self._POSITION]
+        self._epoch_requested = False
+        self._cursor, self._cursor_known = state_dict[self._POSITION], True
 
     def __repr__(self) -> str:
         return (

@@ -238,6 +238,13 @@ class BatchSizeScheduler:
             return math.nan
         return self._position / self.dataset_size
 
+    def skip_to(self, position: int) -> None:
+        """Move the trained position forward to ``position`` without training, as when the
+        sampler jumps to the start of a later epoch (``set_epoch``). Never moves backward."""
+        if position > self._position:
+            self._position = position
+        self._tracking = True
+
     def trained_position(self) -> int | None:
         """Where training stands in the stream, or ``None`` before the first :meth:`step`
         (and before :meth:`load_state_dict`); the sampler resumes from here."""
