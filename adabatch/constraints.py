@@ -10,6 +10,7 @@ BatchNorm layer and each device's kernels see.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 from torch import nn
@@ -108,6 +109,7 @@ class BatchSizeConstraints:
         if self.dataset_size is not None:
             caps.append(self.dataset_size // replicas)
         cap_per_replica = min(caps) if caps else math.inf
+        self._cap_per_replica = cap_per_replica
         self._lowest = math.ceil(self.min_batch_size / multiple) * multiple
         self._highest = math.inf if cap_per_replica == math.inf else (cap_per_replica // multiple) * multiple
         if self._highest < self._lowest:
@@ -125,20 +127,19 @@ class BatchSizeConstraints:
 
     def apply(self, requested: float) -> int:
         """Turn a requested global batch size into the global batch size that will be trained."""
-        if isinstance(requested, bool) or not isinstance(requested, (int, float)) or not math.isfinite(requested) \
-                or requested <= 0:
+        if (isinstance(requested, bool) or not isinstance(requested, numbers.Real) or not math.isfinite(requested)
+                or requested <= 0):
             raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")
+        requested = float(requested)
         replicas, multiple = self.num_replicas, self.multiple_of
-        per_replica = math.floor(requested / replicas / multiple + 0.5) * multiple
-        if per_replica < self._lowest:
-            if requested < self.min_batch_size * replicas:
-                self._warn_once(
-                    "min",
-                    f"the schedule asked for batch size {requested:g}, below min_batch_size="
-                    f"{self.min_batch_size} per replica; training at {self._lowest * replicas} instead",
-                )
-            per_replica = self._lowest
-        elif per_replica > self._highest:
+        # Warn about the request, not about where rounding to multiple_of lands.
+        if requested < self.min_batch_size * replicas:
+            self._warn_once(
+                "min",
+                f"the schedule asked for batch size {requested:g}, below min_batch_size={self.min_batch_size} "
+                f"per replica; training at {self._lowest * replicas} instead",
+            )
+        elif requested > self._cap_per_replica * replicas:
             by_dataset = self.dataset_size is not None and (
                 self.max_batch_size is None or self.dataset_size < self.max_batch_size
             )
@@ -148,7 +149,8 @@ class BatchSizeConstraints:
                 f"the schedule asked for batch size {requested:g}, above {bound}; "
                 f"training at {int(self._highest) * replicas} instead",
             )
-            per_replica = int(self._highest)
+        per_replica = math.floor(requested / replicas / multiple + 0.5) * multiple
+        per_replica = min(max(per_replica, self._lowest), self._highest)
         return int(per_replica) * replicas
 
     def _warn_once(self, reason: str, message: str) -> None:

@@ -8,6 +8,9 @@ from .base import Progress, Schedule, check_positive_int, check_positive_number,
 
 __all__ = ["Geometric"]
 
+# Without ``end``, growth stops here; the scheduler's max_batch_size or the dataset caps it long before.
+_NO_LIMIT = 2.0**62
+
 
 class Geometric(Schedule):
     """Multiplies the batch size by ``factor`` every ``every`` units, up to ``end``.
@@ -46,7 +49,7 @@ class Geometric(Schedule):
 
     def batch_size_at(self, progress: Progress) -> float:
         intervals = math.floor(progress.in_unit(self.unit) / self.every)
-        limit = math.inf if self.end is None else self.end
+        limit = _NO_LIMIT if self.end is None else self.end
         # Compare in log space so that a long run cannot overflow factor**intervals.
         if intervals * math.log(self.factor) >= math.log(limit / self.start):
             return float(limit)

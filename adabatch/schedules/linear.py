@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .base import Progress, Schedule, check_positive_int, check_positive_number, check_unit
 
 __all__ = ["Linear"]
@@ -36,8 +39,8 @@ class Linear(Schedule):
             raise ValueError(f"end must be at least start ({start}), got {end}")
         self.length = check_positive_number("length", length)
         self.unit = check_unit(unit)
-        if begin < 0:
-            raise ValueError(f"begin must be non-negative, got {begin!r}")
+        if isinstance(begin, bool) or not isinstance(begin, numbers.Real) or not math.isfinite(begin) or begin < 0:
+            raise ValueError(f"begin must be a non-negative finite number, got {begin!r}")
         self.begin = float(begin)
 
     def batch_size_at(self, progress: Progress) -> float:
