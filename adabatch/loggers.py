@@ -25,8 +25,8 @@ class TensorBoardLogger:
 
     Args:
         writer (SummaryWriter): where to write.
-        log_every (int): write every ``log_every`` optimizer steps, and at every batch-size
-            change. Default: 1.
+        log_every (int): write every ``log_every`` optimizer steps, and at every change of the
+            scheduled (target) batch size. Default: 1.
     """
 
     def __init__(self, writer: Any, log_every: int = 1) -> None:
@@ -35,7 +35,7 @@ class TensorBoardLogger:
         self.writer = writer
         self.log_every = log_every
         self._layout_written = False
-        self._last_batch_size: int | None = None
+        self._last_target: float | None = None
 
     def layout(self, num_groups: int) -> dict:
         """The custom-scalars layout: batch size and learning rate on one dashboard."""
@@ -43,11 +43,16 @@ class TensorBoardLogger:
         lr_tags_by_samples = [f"{SAMPLES_PREFIX}/lr/group_{i}" for i in range(num_groups)]
         return {
             "adabatch": {
-                "batch size": ["Multiline", [f"{STEP_PREFIX}/batch_size", f"{SAMPLES_PREFIX}/batch_size"]],
+                "batch size": ["Multiline", [f"{STEP_PREFIX}/batch_size", f"{STEP_PREFIX}/target_batch_size"]],
                 "learning rate (effective)": ["Multiline", lr_tags],
+                "batch size vs samples": [
+                    "Multiline",
+                    [f"{SAMPLES_PREFIX}/batch_size", f"{SAMPLES_PREFIX}/target_batch_size"],
+                ],
                 "learning rate vs samples": ["Multiline", lr_tags_by_samples],
                 "LR factor": ["Multiline", [f"{STEP_PREFIX}/lr_factor"]],
-                "progress": ["Multiline", [f"{STEP_PREFIX}/samples_seen", f"{STEP_PREFIX}/epoch"]],
+                "samples seen": ["Multiline", [f"{STEP_PREFIX}/samples_seen"]],
+                "epoch": ["Multiline", [f"{STEP_PREFIX}/epoch"]],
             }
         }
 
@@ -56,16 +61,18 @@ class TensorBoardLogger:
 
         Args:
             step (int): optimizer steps taken, the x-axis of the ``adabatch/`` curves.
-            samples_seen (int): samples trained on, the x-axis of the ``adabatch_vs_samples/`` curves.
-            values (mapping): scalar name to value, e.g. ``batch_size``, ``lr_factor``, ``epoch``.
+            samples_seen (int): samples trained on before this step, the x-axis of the
+                ``adabatch_vs_samples/`` curves (so a batch is drawn where it starts).
+            values (mapping): scalar name to value, e.g. ``batch_size``, ``target_batch_size``,
+                ``lr_factor``, ``epoch``.
             lrs (list of float): effective learning rate of each parameter group.
         """
         if not self._layout_written:
             self.writer.add_custom_scalars(self.layout(len(lrs)))
             self._layout_written = True
-        batch_size = values.get("batch_size")
-        changed = batch_size is not None and batch_size != self._last_batch_size
-        self._last_batch_size = batch_size  # type: ignore[assignment]
+        target = values.get("target_batch_size", values.get("batch_size"))
+        changed = target is not None and target != self._last_target
+        self._last_target = target
         if step % self.log_every and not changed:
             return
         scalars = {name: float(value) for name, value in values.items()}
