@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _command(comment: str) -> str:
-    match = re.search(rf"^(python3 .+?)\s+# {comment}$", README, flags=re.MULTILINE)
+    match = re.search(rf"^\s*(python3 .+?)\s+# {comment}$", README, flags=re.MULTILINE)
     assert match, f"README has no command marked '# {comment}'"
     return match.group(1)
 
