@@ -122,8 +122,9 @@ class BatchSizeConstraints:
 
     @property
     def per_replica_cap(self) -> float:
-        """The largest batch one replica may get (``inf`` while unbounded)."""
-        return self._highest
+        """The most samples one replica's batch may hold, from ``max_batch_size`` and the dataset
+        (``inf`` while unbounded); sizes from :meth:`apply` are this rounded down to ``multiple_of``."""
+        return self._cap_per_replica
 
     def apply(self, requested: float) -> int:
         """Turn a requested global batch size into the global batch size that will be trained."""

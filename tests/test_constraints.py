@@ -115,7 +115,7 @@ def test_apply_lands_on_an_allowed_size(min_batch_size, multiple_of, num_replica
 
 def test_per_replica_cap():
     assert BatchSizeConstraints().per_replica_cap == math.inf
-    assert bound(max_batch_size=100, multiple_of=8, num_replicas=3).per_replica_cap == 32
+    assert bound(max_batch_size=100, multiple_of=8, num_replicas=3).per_replica_cap == 33  # not rounded
     assert bound(dataset_size=1000, num_replicas=3).per_replica_cap == 333
 
 

@@ -66,9 +66,10 @@ class Setup:
         """Whether the documented rules allow this configuration at all."""
         if self.dataset_size // self.num_replicas < self.min_batch_size or self.highest < self.lowest:
             return False
-        # "balance" may have to keep a tail of up to 2 * min_batch_size - 1 per replica together.
-        return remainder != "balance" or self.highest >= min(2 * self.min_batch_size - 1,
-                                                             self.dataset_size // self.num_replicas)
+        # "balance" may have to keep a tail of up to 2 * min_batch_size - 1 per replica together; such a
+        # tail is not rounded to multiple_of, so it only has to fit under the cap itself.
+        return remainder != "balance" or self.cap_per_replica >= min(2 * self.min_batch_size - 1,
+                                                                     self.dataset_size // self.num_replicas)
 
     def target(self, position: int) -> int:
         """The documented constrained size at a stream position: the schedule's request, rounded to the
