@@ -30,7 +30,9 @@ class BatchSizeScheduler:
     The learning rate of every parameter group is multiplied by :attr:`lr_factor` for the
     duration of each ``optimizer.step()`` and restored right after, so any
     ``torch.optim.lr_scheduler`` attached to the same optimizer keeps working: it never sees
-    the factor, and the effective learning rate is its learning rate times the factor.
+    the factor, and the effective learning rate is its learning rate times the factor. The
+    factor follows the scheduled (target) batch size: the one or two balanced batches that end
+    an epoch, a little smaller than the target, keep the target's factor.
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
