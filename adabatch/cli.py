@@ -1,0 +1,114 @@
+"""The ``adabatch`` command line: one subcommand per task, each a small function of parsed arguments.
+
+``adabatch demo`` (also ``python -m adabatch demo``) trains a small model under a growing batch
+size; see :mod:`adabatch.demo`. A new subcommand adds a parser in :func:`build_parser` and a
+handler that returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from .demo import (
+    DEFAULT_EPOCHS,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_THREADS,
+    DemoConfig,
+    MissingExtrasError,
+    format_summary,
+    run_demo,
+)
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        config = DemoConfig(
+            epochs=args.epochs,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            logdir=args.logdir,
+            num_workers=args.num_workers,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+    except ValueError as error:
+        print(f"adabatch demo: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = run_demo(config)
+    except MissingExtrasError as error:
+        print(f"adabatch demo: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_summary(result))
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a small CNN on MNIST-1D while the batch grows 32 -> 128 -> 512",
+        description=(
+            "Generate MNIST-1D locally (Greydanus 2020), train a small 1D CNN with BatchNorm while the batch "
+            "grows 32 -> 128 -> 512 at epochs 4 and 8 (learning rate x0.2 at epochs 12 and 16), log to "
+            "TensorBoard, and print a summary. Needs the optional packages: pip install \"adabatch[demo]\"."
+        ),
+    )
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs to train (default: %(default)s)")
+    parser.add_argument(
+        "--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
+        help="sequences to generate, 80%% for training (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the model initialisation and the shuffle; the data always uses seed 42 (default: %(default)s)",
+    )
+    parser.add_argument("--logdir", default=None, help="TensorBoard directory (default: runs/demo-<date>-<time>)")
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS,
+        help="torch threads; use 1 when other programs share the CPU (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
+    parser.set_defaults(handler=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``adabatch`` parser, with one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="adabatch", description="Grow the batch size during PyTorch training."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``adabatch`` command line and return its exit status.
+
+    With no subcommand, print the help and return 0.
+
+    Args:
+        argv (sequence of str, optional): the arguments. Default: ``sys.argv[1:]``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    return handler(args)
