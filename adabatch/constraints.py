@@ -1,10 +1,11 @@
 """The one place where the batch size a schedule asks for becomes one that may be trained.
 
 Every size the scheduler hands to the sampler passes through :meth:`BatchSizeConstraints.apply`:
-it is rounded to a granularity, kept at or above a BatchNorm-safe floor, at or below a cap, and
-never above the dataset. Sizes here are global (summed over replicas) unless a name says
-``per_replica``; the floor and the granularity are per replica, because that is what each
-BatchNorm layer and each device's kernels see.
+it is rounded to a granularity, kept at or above a BatchNorm-safe floor, at or below a cap and the
+memory cap, and never above the dataset. :meth:`BatchSizeConstraints.micro_batch_sizes` splits a
+batch that exceeds the memory cap into micro-batches that respect the same floor. Sizes here are
+global (summed over replicas) unless a name says ``per_replica``; the floor, the granularity and
+the memory cap are per replica, because that is what each BatchNorm layer and each device sees.
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ class BatchSizeConstraints:
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
         multiple_of (int): each replica's batch is a multiple of this (e.g. 8 for tensor
             cores). Default: 1.
+        accumulate (bool): whether a batch larger than the memory cap may be trained in
+            micro-batches (``BatchSizeScheduler.train_step`` does); if not, the memory cap also
+            caps the batch. Default: ``False``.
 
     Raises:
         ValueError: if a size is not a positive integer, if ``min_batch_size`` exceeds
             ``max_batch_size``, or, once the dataset is known, if no allowed size fits in it.
     """
 
-    def __init__(self, min_batch_size: int = 1, max_batch_size: int | None = None, multiple_of: int = 1) -> None:
+    def __init__(
+        self, min_batch_size: int = 1, max_batch_size: int | None = None, multiple_of: int = 1, accumulate: bool = False
+    ) -> None:
         self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
         if max_batch_size is not None:
             check_positive_int("max_batch_size", max_batch_size)
@@ -78,6 +84,8 @@ class BatchSizeConstraints:
                 )
         self.max_batch_size = max_batch_size
         self.multiple_of = check_positive_int("multiple_of", multiple_of)
+        self.accumulate = bool(accumulate)
+        self.memory_cap: int | None = None
         self.dataset_size: int | None = None
         self.num_replicas = 1
         self._warned: set[str] = set()
@@ -120,6 +128,20 @@ class BatchSizeConstraints:
                 f"{self.dataset_size}, num_replicas={replicas})"
             )
 
+    def set_memory_cap(self, memory_cap: int | None) -> None:
+        """Set the largest micro-batch one replica's memory holds (``None``: no memory cap)."""
+        if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Integral)
+                                       or memory_cap < 0):
+            raise ValueError(f"memory_cap must be a non-negative integer or None, got {memory_cap!r}")
+        self.memory_cap = None if memory_cap is None else int(memory_cap)
+
+    def _memory_highest(self) -> float:
+        """The largest per-replica size ``apply`` hands out, the memory cap included."""
+        if self.memory_cap is None or self.accumulate:
+            return self._highest
+        by_memory = (self.memory_cap // self.multiple_of) * self.multiple_of
+        return max(self._lowest, min(self._highest, by_memory))
+
     @property
     def per_replica_cap(self) -> float:
         """The most samples one replica's batch may hold, from ``max_batch_size`` and the dataset
@@ -152,7 +174,37 @@ class BatchSizeConstraints:
             )
         per_replica = math.floor(requested / replicas / multiple + 0.5) * multiple
         per_replica = min(max(per_replica, self._lowest), self._highest)
+        highest = self._memory_highest()
+        if per_replica > highest:
+            self._warn_once(
+                "memory",
+                f"the schedule asked for batch size {requested:g}, more than the memory holds; training at "
+                f"{int(highest) * replicas} instead (memory cap {self.memory_cap} per replica)",
+            )
+            per_replica = highest
         return int(per_replica) * replicas
+
+    def micro_batch_sizes(self, batch_size: int) -> list[int]:
+        """Split one replica's batch of ``batch_size`` into as few micro-batches as fit the
+        memory cap, of sizes that differ by at most one, none below ``min_batch_size``.
+
+        If no split keeps every micro-batch both under the memory cap and at or above the
+        floor (a cap below twice the floor can leave none), memory wins and a warning says so.
+        """
+        cap = self.memory_cap
+        if cap is None or batch_size <= cap:
+            return [batch_size]
+        if cap < 1:
+            raise ValueError(f"memory_cap is {cap}: not even one sample fits")
+        count = -(-batch_size // cap)
+        if batch_size // count < self.min_batch_size:
+            self._warn_once(
+                "micro",
+                f"a batch of {batch_size} cannot be split into micro-batches of at most {cap} (the memory cap) "
+                f"and at least {self.min_batch_size} (min_batch_size); some micro-batches are below the floor",
+            )
+        size, extra = divmod(batch_size, count)
+        return [size + 1] * extra + [size] * (count - extra)
 
     def _warn_once(self, reason: str, message: str) -> None:
         if reason not in self._warned:

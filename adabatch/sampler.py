@@ -263,7 +263,7 @@ class _BatchIterator:
         return self
 
     def __next__(self) -> list[int]:
-        start, size = self.sampler.scheduler.next_batch(self.position)
+        start, size = self.sampler.scheduler.draw(self.position)
         if start >= self.end:
             self.sampler._cursor = max(self.sampler._cursor, start)
             raise StopIteration

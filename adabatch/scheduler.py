@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -12,6 +12,8 @@ from .constraints import BatchSizeConstraints
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
+from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device, is_out_of_memory
+from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .schedules.base import check_positive_int
 
@@ -56,6 +58,13 @@ class BatchSizeScheduler:
         writer (SummaryWriter, optional): where to write TensorBoard curves. Default: none.
         log_every (int): write the curves every this many steps (and at every batch-size
             change). Default: 1.
+        memory (MemoryDevice or str, optional): where step peaks are measured to cap the batch
+            by memory (see :mod:`adabatch.memory`). ``"auto"``: the CUDA device the parameters
+            are on, or no memory cap if they are not on one. Default: ``"auto"``.
+        safety_margin (float): fraction of the memory above the fixed cost that the cap keeps
+            free. Default: 0.1.
+        accumulate (bool): let the batch grow past the memory cap, :meth:`train_step` training
+            it in micro-batches; if ``False`` the memory cap caps the batch. Default: ``False``.
 
     Example:
         >>> scheduler = BatchSizeScheduler(
@@ -78,7 +87,11 @@ class BatchSizeScheduler:
     _WARMUP_FROM = "warmup_from"
     _WARMUP_BEGIN = "warmup_begin"
     _DATASET_SIZE = "dataset_size"
+    _PLAN = "plan"
+    _MEMORY = "memory"
     _COUNTERS = (_POSITION, _SAMPLES_SEEN, _STEPS)
+    #: Most batches remembered between being drawn and being trained (far above any prefetch depth).
+    _PLAN_LIMIT = 4096
 
     def __init__(
         self,
@@ -94,6 +107,9 @@ class BatchSizeScheduler:
         dataset_size: int | None = None,
         writer: Any = None,
         log_every: int = 1,
+        memory: MemoryDevice | str | None = "auto",
+        safety_margin: float = DEFAULT_SAFETY_MARGIN,
+        accumulate: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -101,7 +117,7 @@ class BatchSizeScheduler:
             raise TypeError(f"schedule must be a Schedule or a callable, got {type(schedule).__name__}")
         self.optimizer = optimizer
         self.schedule = as_schedule(schedule)
-        self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of)
+        self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate)
         self.lr_scaling = lr_scaling
         self._lr_rule = resolve_lr_scaling(lr_scaling)
         if reference_batch_size is not None:
@@ -114,6 +130,10 @@ class BatchSizeScheduler:
         self._expected_dataset_size: int | None = None
         self.constraints.bind(dataset_size)
         self.logger = TensorBoardLogger(writer, log_every) if writer is not None else None
+        if isinstance(memory, str) and memory != "auto":
+            raise ValueError(f"memory must be a MemoryDevice, 'auto' or None, got {memory!r}")
+        self.memory = MemoryCap(default_memory_device(optimizer) if memory == "auto" else memory, safety_margin)
+        self._step_micro_batch_size: int | None = None  # set by train_step for the coming step()
 
         self._position = 0
         self._samples_seen = 0
@@ -123,6 +143,7 @@ class BatchSizeScheduler:
         self._warmup_from: float | None = None
         self._warmup_begin = 0
         self._warned_mismatch = False
+        self._plan: dict[int, tuple[int, int, int]] = {}  # position -> (start, size, target) drawn there
         self._hook = LRFactorHook(optimizer, lambda: self.lr_factor)
 
     # ----------------------------------------------------------------- binding
@@ -182,10 +203,37 @@ class BatchSizeScheduler:
         return self.constraints.apply(self.schedule(progress))
 
     def next_batch(self, position: int) -> tuple[int, int]:
-        """``(start, size)`` of the global batch that follows stream ``position``."""
+        """``(start, size)`` of the global batch that follows stream ``position``: the one the
+        sampler drew there, if it did, else the one it would draw now."""
+        return self._planned(position)[:2]
+
+    def draw(self, position: int) -> tuple[int, int]:
+        """Decide the batch that follows ``position`` and remember it; called by the sampler.
+
+        Batches are drawn ahead of training (DataLoader workers prefetch), and what decides a
+        size (the memory cap, an adaptive schedule) may change in between. The decision is
+        therefore recorded when the batch is drawn, and :meth:`step` and :attr:`lr_factor` use
+        the recorded size and target for that batch. The record is part of :meth:`state_dict`,
+        so batches drawn but not trained before a checkpoint get the same sizes after it.
+        """
+        planned = self._plan.get(position)
+        if planned is None:
+            planned = self._decide(position)
+            self._plan[position] = planned
+            if len(self._plan) > self._PLAN_LIMIT:
+                del self._plan[next(iter(self._plan))]
+        return planned[:2]
+
+    def _planned(self, position: int) -> tuple[int, int, int]:
+        """``(start, size, target)`` of the batch after ``position``, recorded or decided now."""
+        return self._plan.get(position) or self._decide(position)
+
+    def _decide(self, position: int) -> tuple[int, int, int]:
         if self.layout is None:
-            return position, self.target_at(position)
-        return self.layout.next_batch(position, self.target_at)
+            start, size = position, self.target_at(position)
+        else:
+            start, size = self.layout.next_batch(position, self.target_at)
+        return start, size, self.target_at(start)
 
     @property
     def batch_size(self) -> int:
@@ -202,8 +250,7 @@ class BatchSizeScheduler:
     @property
     def lr_factor(self) -> float:
         """The factor the coming optimizer step multiplies every learning rate by."""
-        start, _ = self.next_batch(self._position)
-        factor = self._factor_for(self.target_at(start))
+        factor = self._factor_for(self._planned(self._position)[2])
         if self._warmup_from is None or not self.warmup_steps:
             return factor
         progress = (self._steps - self._warmup_begin + 1) / self.warmup_steps
@@ -273,8 +320,7 @@ class BatchSizeScheduler:
                 ``len(x)``; under ``num_replicas > 1`` the global count is ``batch_size *
                 num_replicas``. Default: the size the sampler planned for this step.
         """
-        start, planned = self.next_batch(self._position)
-        target = self.target_at(start)
+        start, planned, target = self._planned(self._position)
         if batch_size is None:
             consumed = planned
         else:
@@ -295,23 +341,113 @@ class BatchSizeScheduler:
         lrs = self._hook.last_effective_lrs if ran else self._coming_lrs()
         self._last_lrs = lrs
         self._position = start + consumed
+        self._plan = {p: planned_batch for p, planned_batch in self._plan.items() if p >= self._position}
         self._samples_seen += consumed
         self._steps += 1
         self._tracking = True
+        micro_batch_size = self._step_micro_batch_size or consumed // self.num_replicas
+        self._step_micro_batch_size = None
+        self.constraints.set_memory_cap(self.memory.end_step(micro_batch_size))
         self._update_warmup(target, factor_used)
         if self.logger is not None:
             values = {"batch_size": consumed, "target_batch_size": target, "lr_factor": factor_used}
             if self.dataset_size is not None:
                 values["epoch"] = start / self.dataset_size
+            values.update(self._memory_values())
             self.logger.log_step(self._steps - 1, self._samples_seen - consumed, values, lrs)
         self._hook.last_factor = None
         self._hook.last_effective_lrs = None
 
+    # -------------------------------------------------------------- train_step
+    def train_step(self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None) -> torch.Tensor:
+        """Train one batch: forward and backward in micro-batches, ``optimizer.step()``,
+        ``zero_grad()`` and :meth:`step`.
+
+        The batch is split into as few micro-batches as the memory cap allows
+        (:meth:`BatchSizeConstraints.micro_batch_sizes`), none below ``min_batch_size``. Each
+        micro-batch's loss is weighted by its share of the batch before ``backward()``, so the
+        accumulated gradient equals the full batch's mean gradient even for unequal
+        micro-batches. BatchNorm layers in training mode see each micro-batch's own statistics
+        (ghost batch norm, Hoffer et al. 2017), which is why micro-batches keep to the floor.
+
+        If a micro-batch runs out of memory, what the attempt held is freed (gradients set to
+        ``None``, the GradScaler's per-step state reset, the device's cache emptied), the memory
+        cap is lowered and the SAME batch is tried again in smaller micro-batches: the optimizer
+        steps exactly once per batch and no sample is skipped or counted twice. Other errors
+        propagate untouched.
+
+        Args:
+            batch: what the DataLoader yields: a tensor, or a tuple, list or dict of tensors
+                whose first dimension is the batch.
+            loss_fn (callable): ``loss_fn(micro_batch)`` returns the MEAN loss over the
+                micro-batch (the usual ``reduction="mean"``), a scalar tensor.
+            scaler (torch.amp.GradScaler, optional): scales the loss for mixed precision and
+                steps the optimizer. Default: none.
+
+        Returns:
+            the batch's mean loss (detached).
+
+        Raises:
+            BatchSizeFloorError: if a micro-batch of ``min_batch_size`` samples runs out of memory.
+
+        Example:
+            >>> for x, y in loader:
+            ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
+        """
+        batch_size = batch_length(batch)
+        while True:
+            sizes = self.constraints.micro_batch_sizes(batch_size)
+            failed = None
+            try:
+                loss = self._run_step(batch, batch_size, sizes, loss_fn, scaler)
+            except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
+                if not is_out_of_memory(error):
+                    raise
+                failed = max(sizes)
+            if failed is None:
+                break
+            # Outside the except clause: the error's traceback no longer pins the attempt's tensors.
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                reset_grad_scaler_step(scaler, self.optimizer)
+            self.constraints.set_memory_cap(self.memory.out_of_memory(failed, self.constraints.min_batch_size))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_micro_batch_size = max(sizes)
+        self.step(batch_size)
+        return loss
+
+    def _run_step(
+        self, batch: Batch, batch_size: int, sizes: list[int], loss_fn: Callable[[Batch], torch.Tensor], scaler: Any
+    ) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.memory.begin_step()
+        total = torch.zeros(())
+        for micro_batch in split_batch(batch, sizes):
+            loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            total = total + loss.detach().float().cpu()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+            scaler.update()
+        return total
+
+    def _memory_values(self) -> dict[str, float]:
+        if self.memory.device is None:
+            return {}
+        values = {"memory/peak_bytes": float(self.memory.last_peak_bytes)}
+        if self.memory.cap is not None:
+            values["memory/cap"] = float(self.memory.cap)
+        fitted = self.memory.fit()
+        if fitted is not None:
+            values["memory/fixed_bytes"], values["memory/per_sample_bytes"] = fitted
+        return values
+
     def _update_warmup(self, trained_target: int, factor_used: float) -> None:
         if not self.warmup_steps:
             return
-        start, _ = self.next_batch(self._position)
-        coming = self.target_at(start)
+        coming = self._planned(self._position)[2]
         if coming != trained_target:
             self._warmup_from = factor_used
             self._warmup_begin = self._steps
@@ -326,6 +462,8 @@ class BatchSizeScheduler:
             self._WARMUP_FROM: self._warmup_from,
             self._WARMUP_BEGIN: self._warmup_begin,
             self._DATASET_SIZE: self.dataset_size,
+            self._PLAN: [[position, *planned] for position, planned in self._plan.items()],
+            self._MEMORY: self.memory.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -354,6 +492,11 @@ class BatchSizeScheduler:
         self._steps = state_dict[self._STEPS]
         self._warmup_from = state_dict[self._WARMUP_FROM]
         self._warmup_begin = state_dict[self._WARMUP_BEGIN]
+        self._plan = {int(p): (int(start), int(size), int(target)) for p, start, size, target in
+                      state_dict.get(self._PLAN, [])}
+        if self._MEMORY in state_dict:
+            self.memory.load_state_dict(state_dict[self._MEMORY])
+            self.constraints.set_memory_cap(self.memory.cap)
         self._tracking = True
 
     def __repr__(self) -> str:
