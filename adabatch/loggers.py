@@ -37,11 +37,12 @@ class TensorBoardLogger:
         self._layout_written = False
         self._last_target: float | None = None
 
-    def layout(self, num_groups: int) -> dict:
-        """The custom-scalars layout: batch size and learning rate on one dashboard."""
+    def layout(self, num_groups: int, memory: bool = False) -> dict:
+        """The custom-scalars layout: batch size and learning rate on one dashboard (and the
+        memory cap and step peaks, when memory is measured)."""
         lr_tags = [f"{STEP_PREFIX}/lr/group_{i}" for i in range(num_groups)]
         lr_tags_by_samples = [f"{SAMPLES_PREFIX}/lr/group_{i}" for i in range(num_groups)]
-        return {
+        layout = {
             "adabatch": {
                 "batch size": ["Multiline", [f"{STEP_PREFIX}/batch_size", f"{STEP_PREFIX}/target_batch_size"]],
                 "learning rate (effective)": ["Multiline", lr_tags],
@@ -55,6 +56,10 @@ class TensorBoardLogger:
                 "epoch": ["Multiline", [f"{STEP_PREFIX}/epoch"]],
             }
         }
+        if memory:
+            layout["adabatch"]["memory cap (micro-batch)"] = ["Multiline", [f"{STEP_PREFIX}/memory/cap"]]
+            layout["adabatch"]["memory peak (bytes)"] = ["Multiline", [f"{STEP_PREFIX}/memory/peak_bytes"]]
+        return layout
 
     def log_step(self, step: int, samples_seen: int, values: Mapping[str, float], lrs: list[float]) -> None:
         """Write one optimizer step's values.
@@ -68,7 +73,7 @@ class TensorBoardLogger:
             lrs (list of float): effective learning rate of each parameter group.
         """
         if not self._layout_written:
-            self.writer.add_custom_scalars(self.layout(len(lrs)))
+            self.writer.add_custom_scalars(self.layout(len(lrs), memory="memory/peak_bytes" in values))
             self._layout_written = True
         target = values.get("target_batch_size", values.get("batch_size"))
         changed = target is not None and target != self._last_target
