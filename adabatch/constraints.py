@@ -150,8 +150,10 @@ class BatchSizeConstraints:
 
     def apply(self, requested: float) -> int:
         """Turn a requested global batch size into the global batch size that will be trained."""
-        if (isinstance(requested, bool) or not isinstance(requested, numbers.Real) or not math.isfinite(requested)
-                or requested <= 0):
+        # Checked on every batch: plain floats and ints skip the slower abstract-type test.
+        if type(requested) not in (float, int) and (isinstance(requested, bool) or not isinstance(requested, numbers.Real)):
+            raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")
+        if not math.isfinite(requested) or requested <= 0:
             raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")
         requested = float(requested)
         replicas, multiple = self.num_replicas, self.multiple_of

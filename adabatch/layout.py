@@ -69,28 +69,29 @@ class EpochLayout:
     def epoch_start(self, epoch: int) -> int:
         return epoch * self.dataset_size
 
-    def next_batch(self, position: int, target_at: Callable[[int], int]) -> tuple[int, int]:
-        """Where the next batch starts at or after ``position``, and its global size.
+    def next_batch(self, position: int, target_at: Callable[[int], int]) -> tuple[int, int, int]:
+        """Where the next batch starts at or after ``position``, its global size, and the size
+        the scheduler wanted there.
 
         Args:
             position (int): stream position after the last batch.
             target_at (callable): the constrained global batch size wanted at a position.
 
         Returns:
-            ``(start, size)``. ``start`` is ``position`` unless the policy skips the rest of an
-            epoch, in which case it is the first position of the next epoch.
+            ``(start, size, target)``. ``start`` is ``position`` unless the policy skips the
+            rest of an epoch, in which case it is the first position of the next epoch.
+            ``size`` is ``target`` except for a balanced tail.
         """
-        size = target_at(position)
+        target = target_at(position)
         if self.remainder == "wrap":
-            return position, size
+            return position, target, target
         epoch, offset = divmod(position, self.dataset_size)
         left = self.usable - offset
-        if left < self.num_replicas or (self.remainder == "drop" and left < size):
-            start = (epoch + 1) * self.dataset_size
-            return start, self.next_batch(start, target_at)[1]
-        if self.remainder == "drop" or left >= 2 * size:
-            return position, size
-        return position, self._tail_batch(left, size)
+        if left < self.num_replicas or (self.remainder == "drop" and left < target):
+            return self.next_batch((epoch + 1) * self.dataset_size, target_at)
+        if self.remainder == "drop" or left >= 2 * target:
+            return position, target, target
+        return position, self._tail_batch(left, target), target
 
     def _tail_batch(self, left: int, size: int) -> int:
         """Size of the first of the batches that share the last ``left < 2 * size`` samples."""
@@ -106,7 +107,7 @@ class EpochLayout:
         end = self.epoch_start(self.epoch_of(position) + 1)
         count = 0
         while True:
-            start, size = self.next_batch(position, target_at)
+            start, size, _ = self.next_batch(position, target_at)
             if start >= end:
                 return count
             count += 1

@@ -230,10 +230,9 @@ class BatchSizeScheduler:
 
     def _decide(self, position: int) -> tuple[int, int, int]:
         if self.layout is None:
-            start, size = position, self.target_at(position)
-        else:
-            start, size = self.layout.next_batch(position, self.target_at)
-        return start, size, self.target_at(start)
+            target = self.target_at(position)
+            return position, target, target
+        return self.layout.next_batch(position, self.target_at)
 
     @property
     def batch_size(self) -> int:
