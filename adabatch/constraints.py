@@ -148,8 +148,9 @@ class BatchSizeConstraints:
         (``inf`` while unbounded); sizes from :meth:`apply` are this rounded down to ``multiple_of``."""
         return self._cap_per_replica
 
-    def apply(self, requested: float) -> int:
-        """Turn a requested global batch size into the global batch size that will be trained."""
+    def apply(self, requested: float, memory: bool = True) -> int:
+        """Turn a requested global batch size into the global batch size that will be trained
+        (``memory=False``: under the static bounds only, without the memory cap)."""
         # Checked on every batch: plain floats and ints skip the slower abstract-type test.
         if type(requested) not in (float, int) and (isinstance(requested, bool) or not isinstance(requested, numbers.Real)):
             raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")
@@ -176,7 +177,7 @@ class BatchSizeConstraints:
             )
         per_replica = math.floor(requested / replicas / multiple + 0.5) * multiple
         per_replica = min(max(per_replica, self._lowest), self._highest)
-        highest = self._memory_highest()
+        highest = self._memory_highest() if memory else self._highest
         if per_replica > highest:
             self._warn_once(
                 "memory",

@@ -134,6 +134,7 @@ class BatchSizeScheduler:
             raise ValueError(f"memory must be a MemoryDevice, 'auto' or None, got {memory!r}")
         self.memory = MemoryCap(default_memory_device(optimizer) if memory == "auto" else memory, safety_margin)
         self._step_micro_batch_size: int | None = None  # set by train_step for the coming step()
+        self._versions_before_update: list[int] | None = None
 
         self._position = 0
         self._samples_seen = 0
@@ -244,7 +245,9 @@ class BatchSizeScheduler:
         """The batch size at which the learning-rate factor is 1."""
         if self._reference_batch_size is not None:
             return self._reference_batch_size
-        return self.target_at(0)
+        # The schedule's start under the static bounds: a memory cap that falls below it later
+        # must not move the reference (and with it every learning rate).
+        return self.constraints.apply(self.schedule(Progress(samples=0, dataset_size=self.dataset_size)), memory=False)
 
     @property
     def lr_factor(self) -> float:
@@ -372,8 +375,10 @@ class BatchSizeScheduler:
         If a micro-batch runs out of memory, what the attempt held is freed (gradients set to
         ``None``, the GradScaler's per-step state reset, the device's cache emptied), the memory
         cap is lowered and the SAME batch is tried again in smaller micro-batches: the optimizer
-        steps exactly once per batch and no sample is skipped or counted twice. Other errors
-        propagate untouched.
+        steps exactly once per batch and no sample is skipped or counted twice. An
+        out-of-memory error raised after the optimizer changed the parameters (from a step
+        post-hook, say) cannot be retried without applying the batch twice: the step is counted
+        and the error propagates. Other errors propagate untouched.
 
         Args:
             batch: what the DataLoader yields: a tensor, or a tuple, list or dict of tensors
@@ -384,7 +389,7 @@ class BatchSizeScheduler:
                 steps the optimizer. Default: none.
 
         Returns:
-            the batch's mean loss (detached).
+            the batch's mean loss (detached, on the loss's device).
 
         Raises:
             BatchSizeFloorError: if a micro-batch of ``min_batch_size`` samples runs out of memory.
@@ -397,10 +402,19 @@ class BatchSizeScheduler:
         while True:
             sizes = self.constraints.micro_batch_sizes(batch_size)
             failed = None
+            self._versions_before_update = None
             try:
                 loss = self._run_step(batch, batch_size, sizes, loss_fn, scaler)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
                 if not is_out_of_memory(error):
+                    raise
+                if self._parameters_changed():
+                    # The optimizer had already updated the parameters (the error came from a
+                    # step post-hook, say): a retry would apply this batch twice. The batch is
+                    # trained, so it is counted before the error propagates.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._step_micro_batch_size = max(sizes)
+                    self.step(batch_size)
                     raise
                 failed = max(sizes)
             if failed is None:
@@ -420,17 +434,27 @@ class BatchSizeScheduler:
     ) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         self.memory.begin_step()
-        total = torch.zeros(())
+        total = None
         for micro_batch in split_batch(batch, sizes):
             loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
             (loss if scaler is None else scaler.scale(loss)).backward()
-            total = total + loss.detach().float().cpu()
+            total = loss.detach() if total is None else total + loss.detach()
+        # In-place updates bump a tensor's version counter: how an error after this point
+        # tells whether the parameters were already changed.
+        self._versions_before_update = [p._version for group in self.optimizer.param_groups for p in group["params"]]
         if scaler is None:
             self.optimizer.step()
         else:
             scaler.step(self.optimizer)
             scaler.update()
-        return total
+        return total  # type: ignore[return-value]
+
+    def _parameters_changed(self) -> bool:
+        before = self._versions_before_update
+        if before is None:
+            return False
+        now = [p._version for group in self.optimizer.param_groups for p in group["params"]]
+        return now != before
 
     def _memory_values(self) -> dict[str, float]:
         if self.memory.device is None:
