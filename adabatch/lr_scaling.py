@@ -49,7 +49,8 @@ def resolve_lr_scaling(lr_scaling: LRScaling) -> LRScalingFn:
     if callable(lr_scaling):
         return lr_scaling
     if lr_scaling not in LR_SCALING_RULES:
-        raise ValueError(f"lr_scaling must be one of {tuple(LR_SCALING_RULES)} or a callable, got {lr_scaling!r}")
+        names = (*LR_SCALING_RULES, "gain")
+        raise ValueError(f"lr_scaling must be one of {names} or a callable, got {lr_scaling!r}")
     return LR_SCALING_RULES[lr_scaling]
 
 

@@ -12,6 +12,7 @@ from .constraints import BatchSizeConstraints
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device, is_out_of_memory
 from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
@@ -47,7 +48,9 @@ class BatchSizeScheduler:
         lr_scaling (str or callable): how the learning rate follows the batch size, as a
             function of ``batch_size / reference_batch_size``: ``"none"`` (Smith et al. 2018),
             ``"linear"`` (Goyal et al. 2017), ``"sqrt"`` (Krizhevsky 2014; Malladi et al. 2022
-            for Adam), or a callable from the ratio to a factor. Default: ``"none"``.
+            for Adam), ``"gain"`` (AdaScale, Johnson et al. 2020: the factor follows the
+            measured noise scale, see :meth:`_gain`), or a callable from the ratio to a factor.
+            Default: ``"none"``.
         reference_batch_size (int, optional): the batch size at which the factor is 1.
             Default: the size the schedule starts at, after the constraints.
         warmup_steps (int): after each change of batch size, move the factor linearly from
@@ -65,6 +68,9 @@ class BatchSizeScheduler:
             free. Default: 0.1.
         accumulate (bool): let the batch grow past the memory cap, :meth:`train_step` training
             it in micro-batches; if ``False`` the memory cap caps the batch. Default: ``False``.
+        measure_noise (bool, optional): measure the gradient noise scale (see
+            :mod:`adabatch.noise`). Default: when the schedule or ``lr_scaling="gain"`` needs it.
+        noise_decay (float): decay of the noise statistics' moving averages. Default: 0.95.
 
     Example:
         >>> scheduler = BatchSizeScheduler(
@@ -89,6 +95,8 @@ class BatchSizeScheduler:
     _DATASET_SIZE = "dataset_size"
     _PLAN = "plan"
     _MEMORY = "memory"
+    _NOISE = "noise"
+    _SCHEDULE = "schedule"
     _COUNTERS = (_POSITION, _SAMPLES_SEEN, _STEPS)
     #: Most batches remembered between being drawn and being trained (far above any prefetch depth).
     _PLAN_LIMIT = 4096
@@ -110,6 +118,8 @@ class BatchSizeScheduler:
         memory: MemoryDevice | str | None = "auto",
         safety_margin: float = DEFAULT_SAFETY_MARGIN,
         accumulate: bool = False,
+        measure_noise: bool | None = None,
+        noise_decay: float = DEFAULT_EMA_DECAY,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -119,7 +129,7 @@ class BatchSizeScheduler:
         self.schedule = as_schedule(schedule)
         self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate)
         self.lr_scaling = lr_scaling
-        self._lr_rule = resolve_lr_scaling(lr_scaling)
+        self._lr_rule = None if lr_scaling == "gain" else resolve_lr_scaling(lr_scaling)
         if reference_batch_size is not None:
             check_positive_int("reference_batch_size", reference_batch_size)
         self._reference_batch_size = reference_batch_size
@@ -135,6 +145,10 @@ class BatchSizeScheduler:
         self.memory = MemoryCap(default_memory_device(optimizer) if memory == "auto" else memory, safety_margin)
         self._step_micro_batch_size: int | None = None  # set by train_step for the coming step()
         self._versions_before_update: list[int] | None = None
+        if measure_noise is None:
+            measure_noise = getattr(self.schedule, "needs_noise", False) or lr_scaling == "gain"
+        self.noise_meter = GradientNoiseMeter(optimizer, noise_decay) if measure_noise else None
+        self._noise_from_train_step = False  # train_step measured this step's pair already
 
         self._position = 0
         self._samples_seen = 0
@@ -261,10 +275,22 @@ class BatchSizeScheduler:
         return self._warmup_from + (factor - self._warmup_from) * progress
 
     def _factor_for(self, target: int) -> float:
+        if self._lr_rule is None:
+            return self._gain(target)
         factor = float(self._lr_rule(target / self.reference_batch_size))
         if not math.isfinite(factor) or factor <= 0:
             raise ValueError(f"lr_scaling returned {factor!r} for batch size {target}; it must be positive and finite")
         return factor
+
+    def _gain(self, target: int) -> float:
+        """AdaScale's gain (Johnson et al. 2020): how much further a step on ``target`` samples
+        may go than one on the reference batch ``B_0``, ``(B_simple/B_0 + 1) / (B_simple/B + 1)``:
+        1 without gradient noise (a larger batch changes nothing), ``B/B_0`` when it is all noise
+        (linear scaling); 1 until the noise scale is measured."""
+        noise_scale = self.noise_meter.noise.noise_scale if self.noise_meter is not None else math.nan
+        if not math.isfinite(noise_scale):
+            return 1.0 if math.isnan(noise_scale) else target / self.reference_batch_size
+        return (noise_scale / self.reference_batch_size + 1) / (noise_scale / target + 1)
 
     # ---------------------------------------------------------------- progress
     @property
@@ -350,15 +376,27 @@ class BatchSizeScheduler:
         micro_batch_size = self._step_micro_batch_size or consumed // self.num_replicas
         self._step_micro_batch_size = None
         self.constraints.set_memory_cap(self.memory.end_step(micro_batch_size))
+        self._observe_noise(consumed // self.num_replicas, target)
         self._update_warmup(target, factor_used)
         if self.logger is not None:
             values = {"batch_size": consumed, "target_batch_size": target, "lr_factor": factor_used}
             if self.dataset_size is not None:
                 values["epoch"] = start / self.dataset_size
             values.update(self._memory_values())
+            values.update(self._noise_values())
             self.logger.log_step(self._steps - 1, self._samples_seen - consumed, values, lrs)
         self._hook.last_factor = None
         self._hook.last_effective_lrs = None
+
+    def add_memory_measurements(self, peaks: Mapping[int, int]) -> int | None:
+        """Learn the memory cap from peaks measured before training (``{micro_batch_size:
+        peak_bytes}``, e.g. :attr:`ProbeResult.peaks <adabatch.memory.ProbeResult>`), so that
+        the first batches drawn are already capped; returns the cap."""
+        cap = self.memory.add_measurements(dict(peaks))
+        self.constraints.set_memory_cap(cap)
+        return cap
+
+    # -------------------------------------------------------------- train_step
 
     # -------------------------------------------------------------- train_step
     def train_step(self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None) -> torch.Tensor:
@@ -400,7 +438,7 @@ class BatchSizeScheduler:
         """
         batch_size = batch_length(batch)
         while True:
-            sizes = self.constraints.micro_batch_sizes(batch_size)
+            sizes = self._measurement_split(self.constraints.micro_batch_sizes(batch_size))
             failed = None
             self._versions_before_update = None
             try:
@@ -434,11 +472,18 @@ class BatchSizeScheduler:
     ) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         self.memory.begin_step()
+        meter = self.noise_meter if len(sizes) > 1 else None
+        grad_scale = float(scaler.get_scale()) if scaler is not None and meter is not None else 1.0
         total = None
-        for micro_batch in split_batch(batch, sizes):
+        for index, micro_batch in enumerate(split_batch(batch, sizes)):
             loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
             (loss if scaler is None else scaler.scale(loss)).backward()
             total = loss.detach() if total is None else total + loss.detach()
+            if meter is not None and index == 0:
+                meter.after_first_micro_batch(sizes[0], sizes[0] / batch_size, grad_scale)
+        if meter is not None:
+            meter.after_batch(batch_size, grad_scale)
+            self._noise_from_train_step = True
         # In-place updates bump a tensor's version counter: how an error after this point
         # tells whether the parameters were already changed.
         self._versions_before_update = [p._version for group in self.optimizer.param_groups for p in group["params"]]
@@ -449,12 +494,39 @@ class BatchSizeScheduler:
             scaler.update()
         return total  # type: ignore[return-value]
 
+    def _measurement_split(self, sizes: list[int]) -> list[int]:
+        """Split a batch that fits in one micro-batch in two halves when the noise scale is
+        measured, so the first half serves as the small batch (if the halves keep to the floor)."""
+        if self.noise_meter is None or len(sizes) > 1 or sizes[0] < 2 * self.constraints.min_batch_size:
+            return sizes
+        return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
+
     def _parameters_changed(self) -> bool:
         before = self._versions_before_update
         if before is None:
             return False
         now = [p._version for group in self.optimizer.param_groups for p in group["params"]]
         return now != before
+
+    def _observe_noise(self, local_batch_size: int, target: int) -> None:
+        if self.noise_meter is None:
+            return
+        if not self._noise_from_train_step:
+            self.noise_meter.from_consecutive_steps(local_batch_size)
+        self._noise_from_train_step = False
+        observe = getattr(self.schedule, "observe", None)
+        if observe is not None:
+            noise = self.noise_meter.noise
+            observe(Progress(samples=self._position, dataset_size=self.dataset_size), noise.noise_scale, noise.steps,
+                    target)
+
+    def _noise_values(self) -> dict[str, float]:
+        if self.noise_meter is None or not self.noise_meter.noise.steps:
+            return {}
+        noise = self.noise_meter.noise
+        return {"noise/grad_sqr": noise.grad_sqr, "noise/grad_var": noise.grad_var,
+                "noise/noise_scale": noise.noise_scale, "noise/raw_grad_sqr": noise.last_grad_sqr,
+                "noise/raw_grad_var": noise.last_grad_var}
 
     def _memory_values(self) -> dict[str, float]:
         if self.memory.device is None:
@@ -487,6 +559,8 @@ class BatchSizeScheduler:
             self._DATASET_SIZE: self.dataset_size,
             self._PLAN: [[position, *planned] for position, planned in self._plan.items()],
             self._MEMORY: self.memory.state_dict(),
+            self._NOISE: None if self.noise_meter is None else self.noise_meter.noise.state_dict(),
+            self._SCHEDULE: self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -517,6 +591,10 @@ class BatchSizeScheduler:
         self._warmup_begin = state_dict[self._WARMUP_BEGIN]
         self._plan = {int(p): (int(start), int(size), int(target)) for p, start, size, target in
                       state_dict.get(self._PLAN, [])}
+        if state_dict.get(self._NOISE) is not None and self.noise_meter is not None:
+            self.noise_meter.noise.load_state_dict(state_dict[self._NOISE])
+        if state_dict.get(self._SCHEDULE) is not None and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state_dict[self._SCHEDULE])
         if self._MEMORY in state_dict:
             self.memory.load_state_dict(state_dict[self._MEMORY])
             self.constraints.set_memory_cap(self.memory.cap)

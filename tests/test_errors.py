@@ -122,7 +122,7 @@ def test_no_multiple_between_floor_and_cap(optimizer):
 
 @pytest.mark.parametrize("lr_scaling", ["cubic", "Linear", "", None, 2])
 def test_unknown_lr_scaling(optimizer, lr_scaling):
-    message = r"lr_scaling must be one of \('none', 'linear', 'sqrt'\) or a callable, got " + re.escape(repr(lr_scaling))
+    message = r"lr_scaling must be one of \('none', 'linear', 'sqrt', 'gain'\) or a callable, got " + re.escape(repr(lr_scaling))
     with pytest.raises(ValueError, match=message):
         make_scheduler(optimizer, lr_scaling=lr_scaling)
 

@@ -1,5 +1,6 @@
 """Batch-size schedules: pure functions from training progress to a global batch size."""
 
+from .adaptive import Adaptive
 from .base import Progress, Schedule, ScheduleFn
 from .constant import Constant
 from .geometric import Geometric
@@ -7,7 +8,7 @@ from .lambda_schedule import Lambda
 from .linear import Linear
 from .step import Step
 
-__all__ = ["Constant", "Geometric", "Lambda", "Linear", "Progress", "Schedule", "ScheduleFn", "Step", "as_schedule"]
+__all__ = ["Adaptive", "Constant", "Geometric", "Lambda", "Linear", "Progress", "Schedule", "ScheduleFn", "Step", "as_schedule"]
 
 
 def as_schedule(schedule: Schedule | ScheduleFn) -> Schedule:

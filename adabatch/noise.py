@@ -1,0 +1,234 @@
+"""The gradient noise scale, measured for free from gradients training computes anyway.
+
+McCandlish et al. (2018), "An Empirical Model of Large-Batch Training", show that the batch size
+beyond which larger batches stop paying off tracks the simple noise scale
+``B_simple = tr(Σ) / |G|²``: the per-sample gradient variance over the squared norm of the true
+gradient. Their Appendix A.1 estimates both without per-sample gradients, from the squared norms
+of two mean gradients over batches of ``B_small < B_big`` samples of the same step:
+
+    |G|²  ≈ (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)
+    tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+
+Each estimate is unbiased but very noisy (single steps swing by orders of magnitude), so each
+is smoothed with its own bias-corrected exponential moving average, and ``B_simple`` is the ratio
+of the averages, never an average of ratios.
+
+Where the two batches come from:
+
+* ``BatchSizeScheduler.train_step`` (one device): ``B_small`` is the first micro-batch, read
+  from the gradient after its backward and before the rest is accumulated; ``B_big`` is the
+  whole batch. No extra forward or backward pass. A batch that fits in one micro-batch is
+  split in two for the measurement, when each half keeps to ``min_batch_size``.
+* The plain loop (``loss.backward(); optimizer.step(); scheduler.step(len(x))``): the fallback
+  pairs the gradient of this step (``B``) with the mean of it and the previous step's gradient
+  (``2B``). The parameters moved between the two steps, so the pair is not two batches at one
+  point: the difference between the steps' true gradients counts as noise, and ``tr(Σ)`` (hence
+  ``B_simple``) is overestimated, by an amount that grows with the learning rate and the
+  curvature. It costs one copy of the gradients.
+* Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
+  all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
+
+For Adam-family optimizers the gradients are preconditioned first (divided elementwise by
+``√v̂ + eps``, Adam's own second-moment estimate), which measures the noise in the update the
+optimizer actually takes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "preconditioner"]
+
+#: Default decay of the moving averages of |G|² and tr(Σ).
+DEFAULT_EMA_DECAY = 0.95
+
+
+class BiasCorrectedEMA:
+    """An exponential moving average that is unbiased from its first update (Adam's correction).
+
+    Args:
+        decay (float): weight of the past, in ``[0, 1)``. Default: 0.95.
+    """
+
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.biased = 0.0
+        self.updates = 0
+
+    def update(self, value: float) -> None:
+        self.biased = self.decay * self.biased + (1 - self.decay) * value
+        self.updates += 1
+
+    @property
+    def value(self) -> float:
+        """The average, ``nan`` before the first update."""
+        if not self.updates:
+            return math.nan
+        return self.biased / (1 - self.decay**self.updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"biased": self.biased, "updates": self.updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.biased = float(state_dict["biased"])
+        self.updates = int(state_dict["updates"])
+
+
+class NoiseScale:
+    """Smoothed two-batch estimates of ``|G|²``, ``tr(Σ)`` and the simple noise scale.
+
+    Args:
+        decay (float): decay of both moving averages. Default: 0.95.
+
+    Example:
+        >>> noise = NoiseScale()
+        >>> noise.update(grad_sqr_small=2.0, batch_small=32, grad_sqr_big=1.1, batch_big=256)
+        True
+        >>> round(noise.noise_scale, 1)
+        33.9
+    """
+
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
+        self._grad_sqr = BiasCorrectedEMA(decay)
+        self._grad_var = BiasCorrectedEMA(decay)
+        self.last_grad_sqr = math.nan  # the raw per-step estimates, for logging
+        self.last_grad_var = math.nan
+
+    def update(self, grad_sqr_small: float, batch_small: int, grad_sqr_big: float, batch_big: int) -> bool:
+        """Add one step's pair of squared gradient norms.
+
+        Args:
+            grad_sqr_small (float): ``|G_small|²``, squared norm of the mean gradient over
+                ``batch_small`` samples.
+            batch_small (int): samples behind ``grad_sqr_small``.
+            grad_sqr_big (float): ``|G_big|²``, over ``batch_big`` samples, a superset.
+            batch_big (int): samples behind ``grad_sqr_big``; larger than ``batch_small``.
+
+        Returns:
+            whether the step was counted: a step with a non-finite norm (an overflow, a step a
+            GradScaler skips) or without two distinct batch sizes is not.
+        """
+        if not (math.isfinite(grad_sqr_small) and math.isfinite(grad_sqr_big)) or not 0 < batch_small < batch_big:
+            return False
+        grad_sqr = (batch_big * grad_sqr_big - batch_small * grad_sqr_small) / (batch_big - batch_small)
+        grad_var = (grad_sqr_small - grad_sqr_big) / (1 / batch_small - 1 / batch_big)
+        self.last_grad_sqr, self.last_grad_var = grad_sqr, grad_var
+        self._grad_sqr.update(grad_sqr)
+        self._grad_var.update(grad_var)
+        return True
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far."""
+        return self._grad_sqr.updates
+
+    @property
+    def grad_sqr(self) -> float:
+        """Smoothed ``|G|²``, the squared norm of the true gradient."""
+        return self._grad_sqr.value
+
+    @property
+    def grad_var(self) -> float:
+        """Smoothed ``tr(Σ)``, the trace of the per-sample gradient covariance."""
+        return self._grad_var.value
+
+    @property
+    def noise_scale(self) -> float:
+        """``B_simple = tr(Σ) / |G|²``; ``nan`` before the first step, ``inf`` while the
+        smoothed ``|G|²`` is not positive (the gradient is all noise)."""
+        grad_sqr, grad_var = self.grad_sqr, self.grad_var
+        if math.isnan(grad_sqr) or math.isnan(grad_var):
+            return math.nan
+        if grad_sqr <= 0:
+            return math.inf
+        return max(grad_var, 0.0) / grad_sqr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._grad_sqr.load_state_dict(state_dict["grad_sqr"])
+        self._grad_var.load_state_dict(state_dict["grad_var"])
+
+
+def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
+    """``1 / (√v̂ + eps)`` for each parameter of an Adam-family optimizer (one with an
+    ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the first step."""
+    scales: dict[torch.Tensor, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        betas, eps = group.get("betas"), group.get("eps")
+        if betas is None or eps is None:
+            return None
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            if "exp_avg_sq" not in state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - betas[1] ** step)
+            scales[parameter] = 1 / (v_hat.sqrt() + eps)
+    return scales
+
+
+class GradientNoiseMeter:
+    """Reads squared gradient norms off an optimizer's parameters and feeds a :class:`NoiseScale`.
+
+    Args:
+        optimizer (Optimizer): whose parameters' ``.grad`` are read; an Adam-family optimizer's
+            second-moment estimate preconditions them.
+        decay (float): decay of the moving averages. Default: 0.95.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float = DEFAULT_EMA_DECAY) -> None:
+        self.optimizer = optimizer
+        self.noise = NoiseScale(decay)
+        self._small: tuple[float, int] | None = None
+        self._previous: tuple[list[torch.Tensor], int] | None = None
+
+    def _gradients(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def _preconditioned(self) -> list[torch.Tensor]:
+        grads = self._gradients()
+        scales = preconditioner(self.optimizer)
+        if scales is None:
+            return grads
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return [grad * scales[p] for grad, p in zip(grads, parameters)]
+
+    @staticmethod
+    def _sqr_norm(grads: list[torch.Tensor]) -> float:
+        if not grads:
+            return math.nan
+        norms = torch._foreach_norm([g.detach() for g in grads])
+        return float(torch.stack([n.float() for n in norms]).pow(2).sum())
+
+    def after_first_micro_batch(self, batch_small: int, share: float, grad_scale: float = 1.0) -> None:
+        """Record ``|G_small|²`` from the gradients accumulated so far: the first micro-batch's
+        mean gradient times its ``share`` of the batch (times a GradScaler's ``grad_scale``)."""
+        self._small = (self._sqr_norm(self._preconditioned()) / (share * grad_scale) ** 2, batch_small)
+
+    def after_batch(self, batch_big: int, grad_scale: float = 1.0) -> bool:
+        """Pair the whole batch's gradient with the first micro-batch's; returns whether counted."""
+        small, self._small = self._small, None
+        if small is None:
+            return False
+        grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
+        return self.noise.update(small[0], small[1], grad_sqr_big, batch_big)
+
+    def from_consecutive_steps(self, batch_size: int) -> bool:
+        """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
+        mean with the previous step's. Biased: see the module's docstring."""
+        grads = [g.detach().clone() for g in self._preconditioned()]
+        previous, self._previous = self._previous, (grads, batch_size)
+        if previous is None or not grads or len(previous[0]) != len(grads):
+            return False
+        previous_grads, previous_size = previous
+        both = batch_size + previous_size
+        mean = torch._foreach_add(torch._foreach_mul(grads, batch_size / both),
+                                  torch._foreach_mul(previous_grads, previous_size / both))
+        return self.noise.update(self._sqr_norm(grads), batch_size, self._sqr_norm(mean), both)

@@ -1,0 +1,152 @@
+"""Grow the batch with the gradient noise scale measured during training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .base import Progress, Schedule, check_positive_int, check_positive_number
+
+__all__ = ["Adaptive", "default_start_batch_size"]
+
+SIGNALS = ("noise_scale", "norm_test")
+
+
+def default_start_batch_size(dataset_size: int | None) -> int:
+    """The common starting point for a dataset of this size: 32 below 100,000 samples, 128
+    below 1,000,000, 256 above (the usual guidance: 16–64 for small datasets, 128–256 for
+    medium ones, 512–1024 at ImageNet scale, where training ends)."""
+    if dataset_size is None or dataset_size < 100_000:
+        return 32
+    return 128 if dataset_size < 1_000_000 else 256
+
+
+class Adaptive(Schedule):
+    """Grows the batch size towards the gradient noise scale measured while training.
+
+    McCandlish et al. (2018) show that the batch size beyond which larger batches stop paying
+    off tracks the simple noise scale ``B_simple = tr(Σ) / |G|²``, which rises as training
+    progresses. Growing straight to ``B_simple`` rushes to the largest batch within a few
+    epochs, and the per-step estimate swings by orders of magnitude, so this controller moves
+    cautiously:
+
+    * **Target.** ``target = start^(1 - exponent) · signal^exponent``: with the default
+      exponent 0.5, the geometric mean of the starting size and the signal (halfway in log
+      scale). The signal is the smoothed ``B_simple`` (``signal="noise_scale"``), or
+      ``B_simple / θ²`` (``signal="norm_test"``): the smallest batch that passes the norm
+      test of Byrd et al. (2012) and Bollapragada et al. (2018), which asks that the variance
+      of the mini-batch gradient be at most ``θ²`` times its squared norm.
+    * **Decisions** are taken every ``interval`` optimizer steps, once ``warmup`` steps of
+      measurements have been averaged, and only when the target differs from the current size
+      by more than ``hysteresis`` (AdaptDL uses 5%).
+    * **Bounds.** Monotone by default (never shrinks); grows by at most ``growth_per_epoch``
+      per epoch (AdaBatch doubles); rounded, floored and capped by the scheduler's constraints
+      (``min_batch_size``, ``max_batch_size``, ``multiple_of``, the memory cap).
+
+    The scheduler feeds it after each step (:meth:`observe`); its decisions are part of the
+    scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
+    already prefetched by DataLoader workers (``prefetch_factor × num_workers`` of them at
+    most) keep the size they were drawn with.
+
+    Args:
+        start (int, optional): the size before the first decision. Default: from the dataset
+            size (:func:`default_start_batch_size`).
+        signal (str): ``"noise_scale"`` or ``"norm_test"``. Default: ``"noise_scale"``.
+        theta (float): the norm test's ``θ``. Default: 0.9.
+        exponent (float): in ``(0, 1]``, how far (in log scale) the target goes from ``start``
+            towards the signal. Default: 0.5.
+        growth_per_epoch (float): largest factor of growth within one epoch. Default: 2.
+        hysteresis (float): relative change below which the size is kept. Default: 0.05.
+        interval (int): optimizer steps between decisions. Default: 20.
+        warmup (int): measured steps before the first decision. Default: 50.
+        monotone (bool): never shrink. Default: ``True``.
+
+    Example:
+        >>> scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(), min_batch_size=16)
+    """
+
+    needs_noise = True
+
+    def __init__(
+        self,
+        start: int | None = None,
+        *,
+        signal: str = "noise_scale",
+        theta: float = 0.9,
+        exponent: float = 0.5,
+        growth_per_epoch: float = 2.0,
+        hysteresis: float = 0.05,
+        interval: int = 20,
+        warmup: int = 50,
+        monotone: bool = True,
+    ) -> None:
+        self.start = None if start is None else check_positive_int("start", start)
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
+        self.signal = signal
+        self.theta = check_positive_number("theta", theta)
+        self.exponent = check_positive_number("exponent", exponent)
+        if self.exponent > 1:
+            raise ValueError(f"exponent must be in (0, 1], got {exponent!r}")
+        self.growth_per_epoch = check_positive_number("growth_per_epoch", growth_per_epoch)
+        if self.growth_per_epoch < 1:
+            raise ValueError(f"growth_per_epoch must be at least 1, got {growth_per_epoch!r}")
+        if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
+        self.hysteresis = float(hysteresis)
+        self.interval = check_positive_int("interval", interval)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+        self.warmup = warmup
+        self.monotone = bool(monotone)
+        self._size: float | None = None  # the current decision
+        self._epoch = -1  # the epoch of the last decision
+        self._epoch_base = 0.0  # the size when that epoch began
+        self._steps = 0
+
+    def initial_size(self, progress: Progress) -> float:
+        return float(self.start if self.start is not None else default_start_batch_size(progress.dataset_size))
+
+    def batch_size_at(self, progress: Progress) -> float:
+        if self._size is None:
+            return self.initial_size(progress)
+        return self._size
+
+    def target(self, noise_scale: float, start: float) -> float:
+        """The size the signal asks for, before the controller's bounds."""
+        signal = noise_scale if self.signal == "noise_scale" else noise_scale / self.theta**2
+        return start ** (1 - self.exponent) * signal**self.exponent
+
+    def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int) -> None:
+        """Take a decision, if one is due, from the smoothed noise scale after a step.
+
+        Args:
+            progress (Progress): where training stands.
+            noise_scale (float): the smoothed ``B_simple``.
+            measured_steps (int): steps the noise statistics have averaged.
+            current (int): the batch size trained now, after the constraints.
+        """
+        if self._size is None:
+            self._size = self.initial_size(progress)
+        self._steps += 1
+        epoch = math.floor(progress.epoch) if progress.dataset_size else 0
+        if epoch != self._epoch:
+            self._epoch, self._epoch_base = epoch, float(current)
+        if measured_steps < self.warmup or self._steps % self.interval or not math.isfinite(noise_scale) \
+                or noise_scale <= 0:
+            return
+        start = self.initial_size(progress)
+        target = min(self.target(noise_scale, start), self._epoch_base * self.growth_per_epoch)
+        if self.monotone:
+            target = max(target, float(current))
+        if abs(target - current) > self.hysteresis * current:
+            self._size = target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self._size, "epoch": self._epoch, "epoch_base": self._epoch_base, "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._size = state_dict["size"]
+        self._epoch = int(state_dict["epoch"])
+        self._epoch_base = float(state_dict["epoch_base"])
+        self._steps = int(state_dict["steps"])
