@@ -1,8 +1,9 @@
 """The ``adabatch`` command line: one subcommand per task, each a small function of parsed arguments.
 
 ``adabatch demo`` (also ``python -m adabatch demo``) trains a small model under a growing batch
-size; see :mod:`adabatch.demo`. A new subcommand adds a parser in :func:`build_parser` and a
-handler that returns the exit status.
+size; see :mod:`adabatch.demo`. ``adabatch probe`` measures the largest micro-batch the demo's
+model trains in the accelerator's memory; see :mod:`adabatch.probe_cli`. A new subcommand adds a
+parser in :func:`build_parser` and a handler that returns the exit status.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .demo import (
     format_summary,
     run_demo,
 )
+from .memory import DEFAULT_SAFETY_MARGIN, BatchSizeFloorError
+from .probe_cli import ProbeConfig, format_report, run_probe
 
 __all__ = ["build_parser", "main"]
 
@@ -86,6 +89,64 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_demo)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    try:
+        config = ProbeConfig(
+            fake_capacity=args.fake_capacity,
+            fake_fixed=args.fake_fixed,
+            fake_per_sample=args.fake_per_sample,
+            min_batch_size=args.min_batch_size,
+            max_batch_size=args.max_batch_size,
+            safety_margin=args.safety_margin,
+            seed=args.seed,
+            threads=args.threads,
+        )
+    except ValueError as error:
+        print(f"adabatch probe: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        report = run_probe(config)
+    except (BatchSizeFloorError, ValueError) as error:
+        print(f"adabatch probe: error: {error}", file=sys.stderr)
+        return 1
+    if report is None:
+        message = ("no CUDA device to probe on this machine; describe a simulated one with --fake-capacity "
+                   "and --fake-per-sample")
+        print(json.dumps({"device": None, "message": message}) if args.json else f"adabatch probe: {message}")
+        return 0
+    print(json.dumps(report.to_dict()) if args.json else format_report(report))
+    return 0
+
+
+def _add_probe(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="find the largest micro-batch the demo's CNN trains in the accelerator's memory",
+        description=(
+            "Run a few real training steps of the demo's MNIST-1D CNN on random inputs, fit peak memory = fixed + "
+            "per_sample * batch to them, and verify the predicted cap with one more step. Probes the current "
+            "CUDA device, or a simulated device given by --fake-capacity and --fake-per-sample."
+        ),
+    )
+    parser.add_argument("--fake-capacity", type=int, default=None, metavar="BYTES",
+                        help="probe a simulated device holding this many bytes instead of CUDA")
+    parser.add_argument("--fake-fixed", type=int, default=0, metavar="BYTES",
+                        help="bytes a step holds on the simulated device whatever the batch (default: %(default)s)")
+    parser.add_argument("--fake-per-sample", type=int, default=None, metavar="BYTES",
+                        help="bytes each sample adds on the simulated device")
+    parser.add_argument("--min-batch-size", type=int, default=None,
+                        help="first size probed (default: the BatchNorm floor, 16)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="largest size probed (default: 1048576 on CUDA, no limit on a simulated device)")
+    parser.add_argument("--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN,
+                        help="fraction of the memory above the fixed cost kept free (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch threads (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line on stdout")
+    parser.set_defaults(handler=_probe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``adabatch`` parser, with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
@@ -94,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_probe(subparsers)
     return parser
 
 

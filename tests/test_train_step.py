@@ -514,13 +514,6 @@ def test_an_error_after_the_update_does_not_update_twice():
         assert torch.allclose(trained, once, rtol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="when the safety margin leaves less than one sample of room, the learned cap is 0 and "
-           "micro_batch_sizes raises 'memory_cap is 0: not even one sample fits' for a batch of 1 that "
-           "has just trained",
-)
 def test_a_batch_that_fit_still_trains_when_the_margin_leaves_less_than_one_sample():
     dataset = make_dataset(1)
     model = make_model()
