@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .demo import (
@@ -31,29 +31,33 @@ __all__ = ["build_parser", "main"]
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _configured(command: str, make_config: Callable[[], Any]) -> Any:
+    """The command's config, or ``None`` after saying on stderr which value is wrong."""
     try:
-        config = DemoConfig(
-            epochs=args.epochs,
-            num_samples=args.num_samples,
-            seed=args.seed,
-            logdir=args.logdir,
-            num_workers=args.num_workers,
-            threads=args.threads,
-            progress=not args.no_progress,
-        )
+        return make_config()
     except ValueError as error:
-        print(f"adabatch demo: error: {error}", file=sys.stderr)
+        print(f"adabatch {command}: error: {error}", file=sys.stderr)
+        return None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = _configured("demo", lambda: DemoConfig(
+        epochs=args.epochs,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        logdir=args.logdir,
+        num_workers=args.num_workers,
+        threads=args.threads,
+        progress=not args.no_progress,
+    ))
+    if config is None:
         return 2
     try:
         result = run_demo(config)
     except MissingExtrasError as error:
         print(f"adabatch demo: error: {error}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(format_summary(result))
+    print(json.dumps(result.to_dict()) if args.json else format_summary(result))
     return 0
 
 
@@ -90,19 +94,17 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    try:
-        config = ProbeConfig(
-            fake_capacity=args.fake_capacity,
-            fake_fixed=args.fake_fixed,
-            fake_per_sample=args.fake_per_sample,
-            min_batch_size=args.min_batch_size,
-            max_batch_size=args.max_batch_size,
-            safety_margin=args.safety_margin,
-            seed=args.seed,
-            threads=args.threads,
-        )
-    except ValueError as error:
-        print(f"adabatch probe: error: {error}", file=sys.stderr)
+    config = _configured("probe", lambda: ProbeConfig(
+        fake_capacity=args.fake_capacity,
+        fake_fixed=args.fake_fixed,
+        fake_per_sample=args.fake_per_sample,
+        min_batch_size=args.min_batch_size,
+        max_batch_size=args.max_batch_size,
+        safety_margin=args.safety_margin,
+        seed=args.seed,
+        threads=args.threads,
+    ))
+    if config is None:
         return 2
     try:
         report = run_probe(config)
