@@ -12,9 +12,9 @@ from .constraints import BatchSizeConstraints
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device, is_out_of_memory
 from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .schedules.base import check_positive_int
 
@@ -26,9 +26,12 @@ class BatchSizeScheduler:
 
     The scheduler is the single source of the batch size: :class:`~adabatch.AdaptiveBatchSampler`
     asks it what size each batch should have, and the training loop tells it, through
-    :meth:`step`, how many samples each optimizer step consumed. Sizes are a function of the
-    position in the data stream (samples passed), so a batch drawn ahead of training by
-    DataLoader workers gets the same size it would get if drawn just in time.
+    :meth:`step`, how many samples each optimizer step consumed. A timetable's sizes are a
+    function of the position in the data stream (samples passed), so a batch drawn ahead of
+    training by DataLoader workers gets the same size it would get if drawn just in time; what
+    changes during training (an adaptive schedule's decisions, the memory cap) is recorded
+    with each batch as it is drawn (:meth:`draw`), so the loop, the learning-rate factor and a
+    resumed run all see the size the batch was drawn with.
 
     The learning rate of every parameter group is multiplied by :attr:`lr_factor` for the
     duration of each ``optimizer.step()`` and restored right after, so any
@@ -48,9 +51,9 @@ class BatchSizeScheduler:
         lr_scaling (str or callable): how the learning rate follows the batch size, as a
             function of ``batch_size / reference_batch_size``: ``"none"`` (Smith et al. 2018),
             ``"linear"`` (Goyal et al. 2017), ``"sqrt"`` (Krizhevsky 2014; Malladi et al. 2022
-            for Adam), ``"gain"`` (AdaScale, Johnson et al. 2020: the factor follows the
-            measured noise scale, see :meth:`_gain`), or a callable from the ratio to a factor.
-            Default: ``"none"``.
+            for Adam), ``"gain"`` (AdaScale, Johnson et al. 2020: the factor is
+            ``(B_simple/B_0 + 1) / (B_simple/B + 1)`` from the measured noise scale, between 1
+            and the ratio), or a callable from the ratio to a factor. Default: ``"none"``.
         reference_batch_size (int, optional): the batch size at which the factor is 1.
             Default: the size the schedule starts at, after the constraints.
         warmup_steps (int): after each change of batch size, move the factor linearly from
@@ -395,8 +398,6 @@ class BatchSizeScheduler:
         cap = self.memory.add_measurements(dict(peaks))
         self.constraints.set_memory_cap(cap)
         return cap
-
-    # -------------------------------------------------------------- train_step
 
     # -------------------------------------------------------------- train_step
     def train_step(self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None) -> torch.Tensor:
