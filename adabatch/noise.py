@@ -24,7 +24,8 @@ Where the two batches come from:
   (``2B``). The parameters moved between the two steps, so the pair is not two batches at one
   point: the difference between the steps' true gradients counts as noise, and ``tr(Σ)`` (hence
   ``B_simple``) is overestimated, by an amount that grows with the learning rate and the
-  curvature. It costs one copy of the gradients.
+  curvature. It costs one copy of the gradients, which a checkpoint does not keep: the first
+  step after a resume has no partner and is not counted.
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
 
@@ -157,19 +158,24 @@ class NoiseScale:
 
 
 def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
-    """``1 / (√v̂ + eps)`` for each parameter of an Adam-family optimizer (one with an
-    ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the first step."""
+    """``1 / (√v̂ + eps)`` for each parameter with a gradient of an Adam-family optimizer (one
+    with an ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the
+    first step."""
     scales: dict[torch.Tensor, torch.Tensor] = {}
     for group in optimizer.param_groups:
         betas, eps = group.get("betas"), group.get("eps")
         if betas is None or eps is None:
             return None
+        # AMSGrad divides by the running maximum of the second moment.
+        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         for parameter in group["params"]:
+            if parameter.grad is None:  # never trained (a frozen or unused part): not measured
+                continue
             state = optimizer.state.get(parameter, {})
-            if "exp_avg_sq" not in state:
+            if key not in state:
                 return None
             step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - betas[1] ** step)
+            v_hat = state[key] / (1 - betas[1] ** step)
             scales[parameter] = 1 / (v_hat.sqrt() + eps)
     return scales
 
@@ -205,7 +211,8 @@ class GradientNoiseMeter:
         if not grads:
             return math.nan
         norms = torch._foreach_norm([g.detach() for g in grads])
-        return float(torch.stack([n.float() for n in norms]).pow(2).sum())
+        # In double precision: tr(Σ) is a difference of two nearly equal squared norms.
+        return float(torch.stack([n.double() for n in norms]).pow(2).sum())
 
     def after_first_micro_batch(self, batch_small: int, share: float, grad_scale: float = 1.0) -> None:
         """Record ``|G_small|²`` from the gradients accumulated so far: the first micro-batch's

@@ -150,7 +150,8 @@ class BatchSizeScheduler:
         self._versions_before_update: list[int] | None = None
         if measure_noise is None:
             measure_noise = getattr(self.schedule, "needs_noise", False) or lr_scaling == "gain"
-        self.noise_meter = GradientNoiseMeter(optimizer, noise_decay) if measure_noise else None
+        noise_meter = GradientNoiseMeter(optimizer, noise_decay)  # validates noise_decay either way
+        self.noise_meter = noise_meter if measure_noise else None
         self._noise_from_train_step = False  # train_step measured this step's pair already
 
         self._position = 0
@@ -262,9 +263,12 @@ class BatchSizeScheduler:
         """The batch size at which the learning-rate factor is 1."""
         if self._reference_batch_size is not None:
             return self._reference_batch_size
-        # The schedule's start under the static bounds: a memory cap that falls below it later
-        # must not move the reference (and with it every learning rate).
-        return self.constraints.apply(self.schedule(Progress(samples=0, dataset_size=self.dataset_size)), memory=False)
+        # The schedule's start under the static bounds: a memory cap that falls below it later,
+        # or an adaptive schedule's later decisions, must not move the reference (and with it
+        # every learning rate).
+        start = Progress(samples=0, dataset_size=self.dataset_size)
+        initial_size = getattr(self.schedule, "initial_size", self.schedule)
+        return self.constraints.apply(initial_size(start), memory=False)
 
     @property
     def lr_factor(self) -> float:

@@ -40,8 +40,9 @@ class Adaptive(Schedule):
       measurements have been averaged, and only when the target differs from the current size
       by more than ``hysteresis`` (AdaptDL uses 5%).
     * **Bounds.** Monotone by default (never shrinks); grows by at most ``growth_per_epoch``
-      per epoch (AdaBatch doubles); rounded, floored and capped by the scheduler's constraints
-      (``min_batch_size``, ``max_batch_size``, ``multiple_of``, the memory cap).
+      per epoch (AdaBatch doubles; without a dataset size the whole run counts as one epoch);
+      rounded, floored and capped by the scheduler's constraints (``min_batch_size``,
+      ``max_batch_size``, ``multiple_of``, the memory cap).
 
     The scheduler feeds it after each step (:meth:`observe`); its decisions are part of the
     scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
@@ -131,14 +132,16 @@ class Adaptive(Schedule):
         self._steps += 1
         epoch = math.floor(progress.epoch) if progress.dataset_size else 0
         if epoch != self._epoch:
-            self._epoch, self._epoch_base = epoch, float(current)
+            self._epoch, self._epoch_base = epoch, max(float(current), self._size if self.monotone else 0.0)
         if measured_steps < self.warmup or self._steps % self.interval or not math.isfinite(noise_scale) \
                 or noise_scale <= 0:
             return
         start = self.initial_size(progress)
         target = min(self.target(noise_scale, start), self._epoch_base * self.growth_per_epoch)
         if self.monotone:
-            target = max(target, float(current))
+            # Batches drawn before the last decision may still be training at the old size:
+            # the bound is the decision itself, not only the size trained now.
+            target = max(target, float(current), self._size)
         if abs(target - current) > self.hysteresis * current:
             self._size = target
 

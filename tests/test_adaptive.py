@@ -1,0 +1,420 @@
+"""schedules.Adaptive: the controller that grows the batch with the measured noise scale.
+
+The controller's rules (warmup, interval, hysteresis, monotone, growth per epoch, the target) are
+tested by feeding :meth:`Adaptive.observe` directly. Through the scheduler, the measured statistics
+are set with ``NoiseScale.load_state_dict`` and the loop computes no gradient, so nothing else moves
+them: each test decides what the controller sees. The resume test measures real gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+from itertools import islice
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch.schedules import Progress
+from adabatch.schedules.adaptive import default_start_batch_size
+
+#: Large enough that the growth cap per epoch never binds unless a test asks for it.
+NO_GROWTH_CAP = 1000.0
+
+
+def adaptive(**options: Any) -> schedules.Adaptive:
+    """A controller that decides at every step, without warmup, unless told otherwise."""
+    return schedules.Adaptive(**{"warmup": 0, "interval": 1, "growth_per_epoch": NO_GROWTH_CAP, **options})
+
+
+def observe(schedule: schedules.Adaptive, signals: list[float], dataset_size: int = 10**6) -> list[float]:
+    """Feed one signal per step, training each step at the size the controller holds (rounded, as
+    the constraints would); returns the size after each step."""
+    samples, sizes = 0, []
+    for measured, signal in enumerate(signals, start=1):
+        current = max(1, round(schedule.batch_size_at(Progress(samples, dataset_size))))
+        samples += current
+        schedule.observe(Progress(samples, dataset_size), signal, measured, current)
+        sizes.append(schedule.batch_size_at(Progress(samples, dataset_size)))
+    return sizes
+
+
+# ------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"start": 0}, "start must be a positive integer, got 0"),
+        ({"start": 8.0}, "start must be a positive integer, got 8.0"),
+        ({"signal": "gns"}, "signal must be one of ('noise_scale', 'norm_test'), got 'gns'"),
+        ({"theta": 0}, "theta must be a positive finite number, got 0"),
+        ({"theta": math.inf}, "theta must be a positive finite number, got inf"),
+        ({"exponent": 0}, "exponent must be a positive finite number, got 0"),
+        ({"exponent": 1.5}, "exponent must be in (0, 1], got 1.5"),
+        ({"growth_per_epoch": 0.5}, "growth_per_epoch must be at least 1, got 0.5"),
+        ({"growth_per_epoch": -2}, "growth_per_epoch must be a positive finite number, got -2"),
+        ({"hysteresis": 1}, "hysteresis must be in [0, 1), got 1"),
+        ({"hysteresis": -0.1}, "hysteresis must be in [0, 1), got -0.1"),
+        ({"hysteresis": True}, "hysteresis must be in [0, 1), got True"),
+        ({"interval": 0}, "interval must be a positive integer, got 0"),
+        ({"interval": 2.0}, "interval must be a positive integer, got 2.0"),
+        ({"warmup": -1}, "warmup must be a non-negative integer, got -1"),
+        ({"warmup": 2.5}, "warmup must be a non-negative integer, got 2.5"),
+        ({"warmup": False}, "warmup must be a non-negative integer, got False"),
+    ],
+)
+def test_arguments_are_validated(options, message):
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        schedules.Adaptive(**options)
+
+
+# ------------------------------------------------------------------ the start
+@pytest.mark.parametrize(
+    "dataset_size, start",
+    [(50, 32), (99_999, 32), (100_000, 128), (999_999, 128), (1_000_000, 256), (5_000_000, 256)],
+)
+def test_default_start_follows_the_dataset_size(dataset_size, start):
+    assert default_start_batch_size(dataset_size) == start
+    assert schedules.Adaptive().batch_size_at(Progress(0, dataset_size)) == start
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive())
+    AdaptiveBatchSampler(dataset_size, scheduler)
+    assert scheduler.target_at(0) == start
+
+
+def test_default_start_without_a_dataset_size():
+    assert default_start_batch_size(None) == 32
+    assert schedules.Adaptive().batch_size_at(Progress(0)) == 32
+    assert schedules.Adaptive(start=12).batch_size_at(Progress(0, 5_000_000)) == 12
+
+
+# ------------------------------------------------------------------ the target
+@pytest.mark.parametrize(
+    "signal, theta, exponent, noise_scale, expected",
+    [
+        ("noise_scale", 0.9, 0.5, 200.0, math.sqrt(16 * 200)),
+        ("noise_scale", 0.9, 1.0, 200.0, 200.0),
+        ("noise_scale", 0.9, 0.25, 4096.0, 16**0.75 * 4096**0.25),
+        ("norm_test", 0.5, 0.5, 200.0, math.sqrt(16 * 200 / 0.25)),
+        ("norm_test", 0.9, 1.0, 81.0, 100.0),
+        ("norm_test", 2.0, 0.5, 400.0, math.sqrt(16 * 100)),
+    ],
+)
+def test_target_maps_the_signal_by_the_exponent(signal, theta, exponent, noise_scale, expected):
+    schedule = adaptive(start=16, signal=signal, theta=theta, exponent=exponent)
+    assert schedule.target(noise_scale, 16.0) == pytest.approx(expected, rel=1e-12)
+    assert observe(schedule, [noise_scale]) == [pytest.approx(expected, rel=1e-12)]
+
+
+@pytest.mark.parametrize("signal", [math.nan, math.inf, 0.0, -5.0])
+def test_a_signal_without_a_noise_scale_is_ignored(signal):
+    schedule = adaptive(start=16)
+    assert observe(schedule, [signal, signal]) == [16.0, 16.0]
+    assert observe(schedule, [400.0]) == [pytest.approx(80.0)]
+
+
+# ------------------------------------------------------------------ when decisions are taken
+@pytest.mark.parametrize("warmup, interval, first_decision", [(0, 1, 1), (5, 1, 6), (5, 4, 8), (0, 3, 3), (8, 4, 12)])
+def test_decisions_wait_for_warmup_and_come_every_interval(warmup, interval, first_decision):
+    # The measured steps lag the steps by one, as in the plain loop, where the first step has no pair.
+    schedule = schedules.Adaptive(start=8, warmup=warmup, interval=interval, growth_per_epoch=NO_GROWTH_CAP)
+    samples, sizes = 0, []
+    for step in range(1, 21):
+        samples += 8
+        schedule.observe(Progress(samples, 10**6), 200.0 * step, step - 1, 8)
+        sizes.append(schedule.batch_size_at(Progress(samples, 10**6)))
+    decided = [step for step, (before, after) in enumerate(zip([8.0] + sizes, sizes), start=1) if after != before]
+    assert decided[0] == first_decision
+    assert sizes[first_decision - 1] == pytest.approx(math.sqrt(8 * 200 * first_decision))
+    assert all((step - first_decision) % interval == 0 for step in decided)
+    assert len(decided) == len(range(first_decision, 21, interval))  # the signal rises: every decision grows
+
+
+@pytest.mark.parametrize("monotone, after_drop", [(True, 80.0), (False, 20.0)])
+def test_monotone_never_shrinks(monotone, after_drop):
+    sizes = observe(adaptive(start=8, monotone=monotone), [800.0, 50.0, 50.0, 8.0])
+    assert sizes[0] == pytest.approx(80.0)
+    assert sizes[1] == pytest.approx(after_drop)
+    assert sizes[-1] == pytest.approx(80.0 if monotone else 8.0)
+
+
+@pytest.mark.parametrize(
+    "signal, hysteresis, expected",
+    [(103.0, 0.05, 100.0), (97.0, 0.05, 100.0), (106.0, 0.05, 106.0), (94.0, 0.05, 94.0), (103.0, 0.02, 103.0),
+     (100.5, 0.0, 100.5)],
+)
+def test_hysteresis_ignores_small_moves(signal, hysteresis, expected):
+    schedule = adaptive(start=100, exponent=1.0, hysteresis=hysteresis, monotone=False)
+    assert observe(schedule, [signal]) == [pytest.approx(expected)]
+
+
+def test_growth_is_capped_per_epoch():
+    # A signal asking for 10^6 from 8: doubled at the first decision of every epoch, never more.
+    schedule = adaptive(start=8, growth_per_epoch=2.0)
+    samples, largest = 0, {}
+    while samples < 5 * 1000:
+        current = round(schedule.batch_size_at(Progress(samples, 1000)))
+        samples += current
+        schedule.observe(Progress(samples, 1000), 1e12, 1, current)
+        epoch = samples // 1000
+        largest[epoch] = max(largest.get(epoch, 0), schedule.batch_size_at(Progress(samples, 1000)))
+    assert largest == {0: 16, 1: 32, 2: 64, 3: 128, 4: 256, 5: 512}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    signals=st.lists(st.one_of(st.floats(0.01, 1e6), st.sampled_from([math.nan, math.inf, 0.0, -1.0])), max_size=120),
+    start=st.integers(1, 64),
+    interval=st.integers(1, 6),
+    warmup=st.integers(0, 10),
+    growth=st.floats(1.0, 4.0),
+    hysteresis=st.floats(0.0, 0.5),
+    exponent=st.floats(0.05, 1.0),
+    dataset_size=st.integers(20, 400),
+)
+def test_sizes_are_monotone_capped_per_epoch_and_change_only_at_intervals(
+    signals, start, interval, warmup, growth, hysteresis, exponent, dataset_size
+):
+    schedule = schedules.Adaptive(start=start, interval=interval, warmup=warmup, growth_per_epoch=growth,
+                                  hysteresis=hysteresis, exponent=exponent)
+    samples, size = 0, float(start)
+    epoch, epoch_base, epoch_entry = -1, None, None
+    for step, signal in enumerate(signals, start=1):
+        current = max(1, round(size))
+        samples += current
+        schedule.observe(Progress(samples, dataset_size), signal, step - 1, current)
+        if samples // dataset_size != epoch:
+            epoch, epoch_base, epoch_entry = samples // dataset_size, current, size
+        new = schedule.batch_size_at(Progress(samples, dataset_size))
+        if new != size:
+            assert step % interval == 0 and step - 1 >= warmup, "a decision off an interval boundary"
+            assert math.isfinite(signal) and signal > 0
+        assert round(new) >= round(size), "the size shrank"
+        assert new <= max(epoch_base * growth, epoch_entry) * (1 + 1e-12), "grew past the cap of the epoch"
+        size = new
+
+
+# ------------------------------------------------------------------ through the scheduler
+def set_noise_scale(scheduler: BatchSizeScheduler, noise_scale: float, measured_steps: int = 1) -> None:
+    """Make the scheduler's smoothed statistics say ``noise_scale`` after ``measured_steps`` steps
+    (the scheduler is built with ``noise_decay=0.5``, so the arithmetic is exact)."""
+    correction = 1 - 0.5**measured_steps
+    scheduler.noise_meter.noise.load_state_dict({
+        "grad_sqr": {"biased": correction, "updates": measured_steps},
+        "grad_var": {"biased": noise_scale * correction, "updates": measured_steps},
+    })
+
+
+def scheduler_on(dataset_size: int, schedule: schedules.Adaptive, **options: Any):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedule, noise_decay=0.5, **options)
+    assert scheduler.noise_meter is not None, "an adaptive schedule measures the noise by default"
+    sampler = AdaptiveBatchSampler(dataset_size, scheduler, shuffle=True, seed=0)
+    return scheduler, sampler
+
+
+@pytest.mark.filterwarnings("error:scheduler.step\\(\\) was told")
+def test_a_decision_reaches_only_the_batches_drawn_after_it():
+    scheduler, sampler = scheduler_on(1000, adaptive(start=8, exponent=1.0))
+    batches = iter(sampler)
+    drawn = [next(batches) for _ in range(4)]  # as workers prefetch
+    set_noise_scale(scheduler, 32.0)
+    scheduler.step(len(drawn[0]))  # no gradient: only the statistics set above are seen
+    assert scheduler.schedule.batch_size_at(Progress(8, 1000)) == 32.0, "decided"
+    drawn += [next(batches) for _ in range(2)]
+    assert [len(batch) for batch in drawn] == [8, 8, 8, 8, 32, 32]
+    for batch in drawn[1:]:
+        assert scheduler.batch_size == len(batch), "the plan follows the batch as drawn"
+        scheduler.step(len(batch))
+    assert scheduler.samples_seen == sum(len(batch) for batch in drawn)
+    assert sorted(sum(drawn, [])) == sorted(set(sum(drawn, []))), "no sample twice within the epoch"
+
+
+@pytest.mark.filterwarnings("error:scheduler.step\\(\\) was told")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_prefetching_workers_keep_the_size_they_drew(num_workers):
+    dataset = TensorDataset(torch.arange(1000))
+    scheduler, sampler = scheduler_on(len(dataset), adaptive(start=8, exponent=1.0))
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, prefetch_factor=2 if num_workers
+                        else None)
+    sizes = []
+    for step, (index,) in enumerate(islice(loader, 20)):
+        if step == 2:
+            set_noise_scale(scheduler, 32.0)
+        sizes.append(len(index))
+        scheduler.step(len(index))
+    decided_after = 3
+    kept = sizes.index(32) - decided_after
+    assert sizes == [8] * (decided_after + kept) + [32] * (20 - decided_after - kept)
+    if num_workers:
+        assert 1 <= kept <= num_workers * 2 + 1, "what the workers had drawn, at most their prefetch depth"
+    else:
+        assert kept == 0
+
+
+@pytest.mark.parametrize(
+    "start, noise_scale, options, expected, warning",
+    [
+        (8, 1000.0, {"max_batch_size": 40}, 40, "above max_batch_size=40"),
+        (8, 27.0, {"multiple_of": 8}, 24, None),
+        (8, 29.0, {"multiple_of": 8}, 32, None),
+        (8, 1000.0, {"max_batch_size": 100, "multiple_of": 8}, 96, "above max_batch_size=100"),
+        (4, 10.0, {"min_batch_size": 16}, 16, "below min_batch_size=16"),
+        (8, 5000.0, {}, 1000, "above the dataset size \\(1000\\)"),
+    ],
+)
+def test_constraints_apply_to_the_adaptive_size(start, noise_scale, options, expected, warning):
+    context = pytest.warns(UserWarning, match=warning) if warning else contextlib.nullcontext()
+    with context:
+        scheduler, sampler = scheduler_on(1000, adaptive(start=start, exponent=1.0), **options)
+        first = next(iter(sampler))
+        set_noise_scale(scheduler, noise_scale)
+        scheduler.step(len(first))
+        assert scheduler.target_at(scheduler.position) == expected
+
+
+def test_state_dict_keys():
+    scheduler, sampler = scheduler_on(1000, adaptive(start=8))
+    set_noise_scale(scheduler, 200.0, measured_steps=3)
+    scheduler.step(len(next(iter(sampler))))
+    state = scheduler.state_dict()
+    assert state["schedule"] == scheduler.schedule.state_dict()
+    assert state["schedule"] == {"size": pytest.approx(math.sqrt(8 * 200)), "epoch": 0, "epoch_base": 8.0, "steps": 1}
+    assert state["noise"] == scheduler.noise_meter.noise.state_dict()
+    fresh, _ = scheduler_on(1000, adaptive(start=8))
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert fresh.schedule.state_dict() == scheduler.schedule.state_dict()
+    assert fresh.batch_size == scheduler.batch_size == 40
+
+
+@pytest.mark.parametrize("lr_scaling, factor", [("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_is_relative_to_the_adaptive_start(lr_scaling, factor):
+    scheduler, sampler = scheduler_on(1000, adaptive(start=8, exponent=1.0), lr_scaling=lr_scaling)
+    assert scheduler.reference_batch_size == 8 and scheduler.lr_factor == 1.0
+    set_noise_scale(scheduler, 32.0)
+    scheduler.step(len(next(iter(sampler))))
+    assert scheduler.batch_size == 32
+    assert scheduler.reference_batch_size == 8
+    assert scheduler.lr_factor == factor
+
+
+@pytest.mark.filterwarnings("error:scheduler.step\\(\\) was told")
+def test_monotone_holds_while_prefetched_batches_are_trained():
+    scheduler, sampler = scheduler_on(1000, adaptive(start=8))
+    batches = iter(sampler)
+    drawn = [next(batches) for _ in range(5)]  # two workers, prefetch_factor 2, and the batch being trained
+    decided = []
+    for batch, noise_scale in zip(drawn, [800.0, 50.0, 50.0]):
+        set_noise_scale(scheduler, noise_scale)
+        scheduler.step(len(batch))
+        decided.append(scheduler.schedule.batch_size_at(Progress(scheduler.position, 1000)))
+    assert decided[0] == pytest.approx(80.0)
+    assert decided == sorted(decided), f"the decided size shrank: {decided}"
+
+
+# ------------------------------------------------------------------ resume
+RESUME_DATASET_SIZE = 192
+RESUME_EPOCHS = 3
+RESUME_DATASET = TensorDataset(
+    torch.arange(RESUME_DATASET_SIZE),
+    torch.randn(RESUME_DATASET_SIZE, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+    torch.randn(RESUME_DATASET_SIZE, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+)
+
+
+class Training(NamedTuple):
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: BatchSizeScheduler
+    sampler: AdaptiveBatchSampler
+    loader: DataLoader
+
+
+def build(num_workers: int = 2) -> Training:
+    """Every object of the run, built from nothing, as a resumed process builds them."""
+    model = nn.Linear(4, 1, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            nn.init.normal_(parameter, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = schedules.Adaptive(start=4, warmup=4, interval=3, growth_per_epoch=2.0)
+    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=2, max_batch_size=64)
+    sampler = AdaptiveBatchSampler(RESUME_DATASET, scheduler, shuffle=True, seed=0)
+    loader = DataLoader(RESUME_DATASET, batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return Training(model, optimizer, scheduler, sampler, loader)
+
+
+def checkpoint(training: Training, epoch: int) -> dict[str, Any]:
+    return copy.deepcopy({"epoch": epoch, "model": training.model.state_dict(),
+                          "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
+                          "sampler": training.sampler.state_dict()})
+
+
+def restore(training: Training, state: dict[str, Any]) -> None:
+    state = copy.deepcopy(state)
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    training.sampler.load_state_dict(state["sampler"])
+
+
+def train(training: Training, first_epoch: int, checkpoints: list | None = None) -> list[tuple[int, ...]]:
+    """The loop, from ``first_epoch`` to the end; the indices of each step's batch."""
+    records = []
+    loss_fn = lambda batch: F.mse_loss(training.model(batch[1]), batch[2])  # noqa: E731
+    for epoch in range(first_epoch, RESUME_EPOCHS):
+        training.sampler.set_epoch(epoch)
+        for batch in training.loader:
+            training.scheduler.train_step(batch, loss_fn)
+            records.append(tuple(batch[0].tolist()))
+            if checkpoints is not None:
+                checkpoints.append(checkpoint(training, epoch))
+        if checkpoints is not None:
+            checkpoints[-1] = checkpoint(training, epoch + 1)
+    return records
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    training = build()
+    checkpoints = [checkpoint(training, 0)]
+    records = train(training, 0, checkpoints)
+    return records, checkpoints
+
+
+def test_the_run_grows_the_batch_from_measured_noise(uninterrupted):
+    records, checkpoints = uninterrupted
+    sizes = [len(record) for record in records]
+    assert sizes[0] == 4 and len(set(sizes)) >= 3 and max(sizes) > 8
+    epochs = [state["epoch"] for state in checkpoints[1:]]
+    for epoch in range(RESUME_EPOCHS):
+        # The one or two balanced batches that end an epoch may be smaller than the ones before.
+        in_epoch = [size for size, e in zip(sizes, epochs) if e == epoch][:-2]
+        assert in_epoch == sorted(in_epoch), f"epoch {epoch}"
+    assert checkpoints[-1]["scheduler"]["noise"]["grad_sqr"]["updates"] == len(records)
+
+
+def test_resume_with_workers_gives_the_same_batches(uninterrupted):
+    records, checkpoints = uninterrupted
+    decisions = [state["scheduler"]["schedule"]["size"] for state in checkpoints]
+    decided_at = [k for k in range(2, len(decisions)) if decisions[k] != decisions[k - 1]]
+    assert len(decided_at) >= 3
+    first_epoch_end = next(k for k in range(1, len(records)) if checkpoints[k]["epoch"] == 1)
+    # Right after each decision, and two steps later, while batches drawn before it are still
+    # prefetched: the checkpoint must hold both the decision and the sizes those batches were drawn with.
+    stops = {1, first_epoch_end, len(records) - 1} | {k for d in decided_at for k in (d, d + 2) if k < len(records)}
+    for stop in sorted(stops):
+        state = checkpoints[stop]
+        training = build()
+        restore(training, state)
+        assert train(training, state["epoch"]) == records[stop:], f"resumed after step {stop}"
+        assert training.scheduler.schedule.state_dict() == checkpoints[-1]["scheduler"]["schedule"]
