@@ -210,9 +210,9 @@ class GradientNoiseMeter:
     def _sqr_norm(grads: list[torch.Tensor]) -> float:
         if not grads:
             return math.nan
-        norms = torch._foreach_norm([g.detach() for g in grads])
-        # In double precision: tr(Σ) is a difference of two nearly equal squared norms.
-        return float(torch.stack([n.double() for n in norms]).pow(2).sum())
+        norms = torch.stack(torch._foreach_norm([g.detach() for g in grads]))
+        # Squared and summed in double precision: tr(Σ) is a difference of two nearly equal norms.
+        return float(norms.double().pow(2).sum())
 
     def after_first_micro_batch(self, batch_small: int, share: float, grad_scale: float = 1.0) -> None:
         """Record ``|G_small|²`` from the gradients accumulated so far: the first micro-batch's
@@ -230,12 +230,20 @@ class GradientNoiseMeter:
     def from_consecutive_steps(self, batch_size: int) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
         mean with the previous step's. Biased: see the module's docstring."""
-        grads = [g.detach().clone() for g in self._preconditioned()]
-        previous, self._previous = self._previous, (grads, batch_size)
-        if previous is None or not grads or len(previous[0]) != len(grads):
+        grads = self._preconditioned()
+        if not grads:
+            self._previous = None
             return False
-        previous_grads, previous_size = previous
+        # One flat copy per step; the combined mean's norm follows from two norms and a dot product.
+        flat = torch.cat([g.detach().reshape(-1) for g in grads]).double()
+        previous, self._previous = self._previous, ([flat], batch_size)
+        if previous is None or previous[0][0].numel() != flat.numel():
+            return False
+        (previous_flat,), previous_size = previous
         both = batch_size + previous_size
-        mean = torch._foreach_add(torch._foreach_mul(grads, batch_size / both),
-                                  torch._foreach_mul(previous_grads, previous_size / both))
-        return self.noise.update(self._sqr_norm(grads), batch_size, self._sqr_norm(mean), both)
+        share, previous_share = batch_size / both, previous_size / both
+        grad_sqr = float(flat.dot(flat))
+        mixed = float(flat.dot(previous_flat))
+        previous_sqr = float(previous_flat.dot(previous_flat))
+        mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
+        return self.noise.update(grad_sqr, batch_size, mean_sqr, both)

@@ -1,10 +1,13 @@
 """Step-time overhead of adabatch's scheduler and noise statistics on the MNIST-1D CNN.
 
 Side by side in one run, alternating, on the demo's CNN with BatchNorm at batch 256 on the CPU
-(SGD, momentum 0.9), each variant timed over the same number of optimizer steps:
+(SGD, momentum 0.9), each variant timed over the same batches, taken from memory so that only
+the training step and what adabatch adds to it are timed (the sampler's own cost is
+``sampler_overhead.py``'s):
 
-* ``plain``: ``DataLoader(batch_size=256, shuffle=True)``, forward, backward, ``optimizer.step()``.
-* ``scheduler``: the same loop over an ``AdaptiveBatchSampler`` with ``scheduler.step(len(x))``.
+* ``plain``: forward, backward, ``optimizer.step()``.
+* ``scheduler``: the same with a ``BatchSizeScheduler`` wrapping the optimizer and
+  ``scheduler.step(len(x))`` after each step.
 * ``scheduler+noise``: the same with the noise scale measured (the plain loop's fallback: two
   squared norms and one copy of the gradients per step).
 * ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` at batch 256, the
@@ -24,9 +27,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch import BatchSizeScheduler, schedules
 from adabatch.demo import build_model
 
 BATCH_SIZE = 256
@@ -38,25 +41,20 @@ def make_data(samples: int) -> TensorDataset:
                                                                                           generator=generator))
 
 
-def timed_steps(variant: str, data: TensorDataset, steps: int) -> float:
-    """Seconds per optimizer step of ``variant`` over ``steps`` steps (after a short warm-up)."""
+def timed_steps(variant: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Median seconds per optimizer step of ``variant`` over ``batches`` (after a short warm-up)."""
     torch.manual_seed(0)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_of: Callable = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
-    if variant == "plain":
-        loader = DataLoader(data, batch_size=BATCH_SIZE, shuffle=True, drop_last=True)
-        scheduler = None
-    else:
+    scheduler = None
+    if variant != "plain":
         schedule = schedules.Adaptive(start=BATCH_SIZE) if variant == "train_step+noise" else \
             schedules.Constant(BATCH_SIZE)
         scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=16, max_batch_size=BATCH_SIZE,
                                        measure_noise=variant != "scheduler", memory=None)
-        loader = DataLoader(data, batch_sampler=AdaptiveBatchSampler(data, scheduler, remainder="drop"))
     warmup, durations = 5, []
-    batches = iter(loader)
-    for index in range(warmup + steps):
-        x, y = next(batches)
+    for index, (x, y) in enumerate(batches):
         begin = time.perf_counter()
         if variant == "train_step+noise":
             scheduler.train_step((x, y), loss_of)
@@ -79,12 +77,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = make_data(BATCH_SIZE * (args.steps + 10))
+    data = make_data(BATCH_SIZE * (args.steps + 5))
+    x, y = data.tensors
+    batches = list(zip(x.split(BATCH_SIZE), y.split(BATCH_SIZE)))
     variants = ["plain", "scheduler", "scheduler+noise", "train_step+noise"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for variant in variants:
-            times[variant].append(timed_steps(variant, data, args.steps))
+            times[variant].append(timed_steps(variant, batches))
     medians = {v: statistics.median(t) for v, t in times.items()}
     print(f"MNIST-1D CNN, batch {BATCH_SIZE}, {args.threads} threads, median of {args.repeats} x {args.steps} steps")
     for variant in variants:

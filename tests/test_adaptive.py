@@ -192,7 +192,9 @@ def test_sizes_are_monotone_capped_per_epoch_and_change_only_at_intervals(
         samples += current
         schedule.observe(Progress(samples, dataset_size), signal, step - 1, current)
         if samples // dataset_size != epoch:
-            epoch, epoch_base, epoch_entry = samples // dataset_size, current, size
+            # The epoch's base is the larger of the size trained and the size decided (which a
+            # prefetched batch may still lag behind).
+            epoch, epoch_base, epoch_entry = samples // dataset_size, max(current, size), size
         new = schedule.batch_size_at(Progress(samples, dataset_size))
         if new != size:
             assert step % interval == 0 and step - 1 >= warmup, "a decision off an interval boundary"
