@@ -229,6 +229,17 @@ def test_two_batch_estimates_are_unbiased(batch_small):
 
 
 # ------------------------------------------------------------------ the meter in training loops
+def train_one(loop: str, scheduler: BatchSizeScheduler, optimizer: torch.optim.Optimizer, loss_fn, batch) -> None:
+    """One optimizer step, through ``train_step`` or through the plain loop."""
+    if loop == "train_step":
+        scheduler.train_step(batch, loss_fn)
+    else:
+        optimizer.zero_grad()
+        loss_fn(batch).backward()
+        optimizer.step()
+        scheduler.step(len(batch[0]))
+
+
 def train_at_fixed_parameters(loop: str, steps: int, noise_decay: float, batch_size: int = 128, seed: int = 0):
     """``steps`` steps at learning rate 0, by ``train_step`` or by the plain loop."""
     dataset, solution = least_squares_data(seed)
@@ -244,13 +255,7 @@ def train_at_fixed_parameters(loop: str, steps: int, noise_decay: float, batch_s
     while scheduler.steps < steps:
         sampler.set_epoch(epoch)
         for batch in loader:
-            if loop == "train_step":
-                scheduler.train_step(batch, loss_fn)
-            else:
-                optimizer.zero_grad()
-                loss_fn(batch).backward()
-                optimizer.step()
-                scheduler.step(len(batch[0]))
+            train_one(loop, scheduler, optimizer, loss_fn, batch)
             if scheduler.steps == steps:
                 break
         epoch += 1
@@ -498,13 +503,7 @@ def test_noise_curves_are_written(loop, first_logged, tmp_path: Path):
     loss_fn = mean_squared_error(model)
     logged = []
     for batch in DataLoader(dataset, batch_sampler=sampler):
-        if loop == "train_step":
-            scheduler.train_step(batch, loss_fn)
-        else:
-            optimizer.zero_grad()
-            loss_fn(batch).backward()
-            optimizer.step()
-            scheduler.step(len(batch[0]))
+        train_one(loop, scheduler, optimizer, loss_fn, batch)
         noise = scheduler.noise_meter.noise
         logged.append({"noise_scale": noise.noise_scale, "grad_sqr": noise.grad_sqr, "grad_var": noise.grad_var,
                        "raw_grad_sqr": noise.last_grad_sqr, "raw_grad_var": noise.last_grad_var})
