@@ -227,6 +227,20 @@ class GradientNoiseMeter:
         grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
         return self.noise.update(small[0], small[1], grad_sqr_big, batch_big)
 
+    def before_all_reduce(self, grad_scale: float = 1.0) -> None:
+        """Record this rank's ``|G_small|²``: its whole batch's gradient before the ranks average it."""
+        self._small = (self._sqr_norm(self._preconditioned()) / grad_scale**2, 0)
+
+    def after_all_reduce(self, batch_small: int, batch_big: int, collective: Any, grad_scale: float = 1.0) -> bool:
+        """Pair the ranks' mean ``|G_small|²`` (summed over the ranks) with the averaged gradient's
+        ``|G_big|²`` over ``batch_big`` samples; returns whether counted."""
+        small, self._small = self._small, None
+        if small is None:
+            return False
+        grad_sqr_small = collective.sum([small[0]])[0] / collective.world_size
+        grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
+        return self.noise.update(grad_sqr_small, batch_small, grad_sqr_big, batch_big)
+
     def from_consecutive_steps(self, batch_size: int) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
         mean with the previous step's. Biased: see the module's docstring."""

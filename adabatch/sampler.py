@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .distributed import world
 from .layout import EpochLayout
 from .scheduler import BatchSizeScheduler
 from .schedules.base import check_positive_int
@@ -53,8 +54,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         shuffle (bool): shuffle each epoch. Default: ``True``.
         seed (int): seed of the shuffle, the same on every replica. Default: 0.
         remainder (str): ``"balance"``, ``"wrap"`` or ``"drop"``. Default: ``"balance"``.
-        num_replicas (int, optional): processes sharing each batch. Default: 1.
-        rank (int, optional): this process's rank in ``[0, num_replicas)``. Default: 0.
+        num_replicas (int, optional): processes sharing each batch. Default: the world size of
+            torch.distributed's default process group, or 1 outside one.
+        rank (int, optional): this process's rank in ``[0, num_replicas)``. Default: its rank
+            in the default process group, or 0.
 
     Example:
         >>> sampler = AdaptiveBatchSampler(train_set, scheduler, shuffle=True, seed=0)
@@ -95,8 +98,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             raise TypeError(f"scheduler must be a BatchSizeScheduler, got {type(scheduler).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        num_replicas = 1 if num_replicas is None else check_positive_int("num_replicas", num_replicas)
-        rank = 0 if rank is None else rank
+        group_size, group_rank = world()
+        num_replicas = group_size if num_replicas is None else check_positive_int("num_replicas", num_replicas)
+        rank = (group_rank if num_replicas == group_size else 0) if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an integer in [0, {num_replicas - 1}], got {rank!r}")
         self.scheduler = scheduler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable, Mapping
@@ -9,6 +10,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .constraints import BatchSizeConstraints
+from .distributed import Collective, default_collective
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
@@ -74,6 +76,10 @@ class BatchSizeScheduler:
         measure_noise (bool, optional): measure the gradient noise scale (see
             :mod:`adabatch.noise`). Default: when the schedule or ``lr_scaling="gain"`` needs it.
         noise_decay (float): decay of the noise statistics' moving averages. Default: 0.95.
+        collective (Collective or str, optional): how ranks agree under torch.distributed
+            (see :mod:`adabatch.distributed`): memory caps are reduced by MIN, out-of-memory
+            flags by MAX, noise statistics summed, so every rank takes the same decisions.
+            ``"auto"``: the default process group when it has several ranks. Default: ``"auto"``.
 
     Example:
         >>> scheduler = BatchSizeScheduler(
@@ -123,6 +129,7 @@ class BatchSizeScheduler:
         accumulate: bool = False,
         measure_noise: bool | None = None,
         noise_decay: float = DEFAULT_EMA_DECAY,
+        collective: Collective | str | None = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -152,7 +159,10 @@ class BatchSizeScheduler:
             measure_noise = getattr(self.schedule, "needs_noise", False) or lr_scaling == "gain"
         noise_meter = GradientNoiseMeter(optimizer, noise_decay)  # validates noise_decay either way
         self.noise_meter = noise_meter if measure_noise else None
-        self._noise_from_train_step = False  # train_step measured this step's pair already
+        self._noise_reported = False  # train_step measured this step's pair already
+        if isinstance(collective, str) and collective != "auto":
+            raise ValueError(f"collective must be a Collective, 'auto' or None, got {collective!r}")
+        self.collective = default_collective() if collective == "auto" else collective
 
         self._position = 0
         self._samples_seen = 0
@@ -382,7 +392,7 @@ class BatchSizeScheduler:
         self._tracking = True
         micro_batch_size = self._step_micro_batch_size or consumed // self.num_replicas
         self._step_micro_batch_size = None
-        self.constraints.set_memory_cap(self.memory.end_step(micro_batch_size))
+        self.constraints.set_memory_cap(self._agreed_cap(self.memory.end_step(micro_batch_size)))
         self._observe_noise(consumed // self.num_replicas, target)
         self._update_warmup(target, factor_used)
         if self.logger is not None:
@@ -395,16 +405,29 @@ class BatchSizeScheduler:
         self._hook.last_factor = None
         self._hook.last_effective_lrs = None
 
+    #: Stands for "no memory cap" in a MIN reduction over ranks.
+    _NO_CAP = 2**62
+
+    def _agreed_cap(self, cap: int | None) -> int | None:
+        """The smallest of the ranks' memory caps (every rank must cut batches alike)."""
+        if self.collective is None:
+            return cap
+        agreed = self.collective.min(self._NO_CAP if cap is None else cap)
+        return None if agreed == self._NO_CAP else agreed
+
     def add_memory_measurements(self, peaks: Mapping[int, int]) -> int | None:
         """Learn the memory cap from peaks measured before training (``{micro_batch_size:
         peak_bytes}``, e.g. :attr:`ProbeResult.peaks <adabatch.memory.ProbeResult>`), so that
         the first batches drawn are already capped; returns the cap."""
-        cap = self.memory.add_measurements(dict(peaks))
+        cap = self._agreed_cap(self.memory.add_measurements(dict(peaks)))
         self.constraints.set_memory_cap(cap)
         return cap
 
     # -------------------------------------------------------------- train_step
-    def train_step(self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None) -> torch.Tensor:
+    def train_step(
+        self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None,
+        no_sync: Callable[[], Any] | None = None,
+    ) -> torch.Tensor:
         """Train one batch: forward and backward in micro-batches, ``optimizer.step()``,
         ``zero_grad()`` and :meth:`step`.
 
@@ -430,6 +453,13 @@ class BatchSizeScheduler:
                 micro-batch (the usual ``reduction="mean"``), a scalar tensor.
             scaler (torch.amp.GradScaler, optional): scales the loss for mixed precision and
                 steps the optimizer. Default: none.
+            no_sync (callable, optional): under torch.distributed with a
+                ``DistributedDataParallel`` model, its ``no_sync`` method. The micro-batches'
+                backward passes then run without DDP's gradient all-reduce; once every rank
+                has finished (or said it ran out of memory, reduced by MAX so all retry
+                together), train_step averages the gradients itself. A DDP model without it
+                all-reduces inside backward, where a rank that ran out of memory in its forward
+                pass would leave the others waiting. Default: none.
 
         Returns:
             the batch's mean loss (detached, on the loss's device).
@@ -444,10 +474,12 @@ class BatchSizeScheduler:
         batch_size = batch_length(batch)
         while True:
             sizes = self._measurement_split(self.constraints.micro_batch_sizes(batch_size))
-            failed = None
+            failed = 0
             self._versions_before_update = None
             try:
-                loss = self._run_step(batch, batch_size, sizes, loss_fn, scaler)
+                loss = self._accumulate(batch, batch_size, sizes, loss_fn, scaler, no_sync)
+                if self.collective is None:
+                    self._synchronise_and_step(batch_size, scaler)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
                 if not is_out_of_memory(error):
                     raise
@@ -460,35 +492,64 @@ class BatchSizeScheduler:
                     self.step(batch_size)
                     raise
                 failed = max(sizes)
-            if failed is None:
+            if self.collective is not None:
+                # Every rank learns whether any ran out of memory before any gradient is
+                # exchanged, so all retry together and none waits alone in a collective.
+                failed = self.collective.max(failed)
+            if not failed:
                 break
             # Outside the except clause: the error's traceback no longer pins the attempt's tensors.
             self.optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 reset_grad_scaler_step(scaler, self.optimizer)
-            self.constraints.set_memory_cap(self.memory.out_of_memory(failed, self.constraints.min_batch_size))
+            lowered = self.memory.out_of_memory(failed, self.constraints.min_batch_size)
+            self.constraints.set_memory_cap(self._agreed_cap(lowered))
+        if self.collective is not None:
+            self._synchronise_and_step(batch_size, scaler)
         self.optimizer.zero_grad(set_to_none=True)
         self._step_micro_batch_size = max(sizes)
         self.step(batch_size)
         return loss
 
-    def _run_step(
-        self, batch: Batch, batch_size: int, sizes: list[int], loss_fn: Callable[[Batch], torch.Tensor], scaler: Any
+    def _accumulate(
+        self, batch: Batch, batch_size: int, sizes: list[int], loss_fn: Callable[[Batch], torch.Tensor], scaler: Any,
+        no_sync: Callable[[], Any] | None,
     ) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; no collective runs here."""
         self.optimizer.zero_grad(set_to_none=True)
         self.memory.begin_step()
-        meter = self.noise_meter if len(sizes) > 1 else None
-        grad_scale = float(scaler.get_scale()) if scaler is not None and meter is not None else 1.0
+        meter = self.noise_meter if len(sizes) > 1 and self.collective is None else None
+        grad_scale = self._grad_scale(scaler)
         total = None
-        for index, micro_batch in enumerate(split_batch(batch, sizes)):
-            loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-            if meter is not None and index == 0:
-                meter.after_first_micro_batch(sizes[0], sizes[0] / batch_size, grad_scale)
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            for index, micro_batch in enumerate(split_batch(batch, sizes)):
+                loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+                if meter is not None and index == 0:
+                    meter.after_first_micro_batch(sizes[0], sizes[0] / batch_size, grad_scale)
         if meter is not None:
             meter.after_batch(batch_size, grad_scale)
-            self._noise_from_train_step = True
+            self._noise_reported = True
+        return total  # type: ignore[return-value]
+
+    @staticmethod
+    def _grad_scale(scaler: Any) -> float:
+        return 1.0 if scaler is None else float(scaler.get_scale())
+
+    def _synchronise_and_step(self, batch_size: int, scaler: Any) -> None:
+        """Average the gradients over the ranks (if any; the per-rank gradient before and the
+        averaged one after are the data-parallel noise pair), then step the optimizer."""
+        if self.collective is not None:
+            meter = self.noise_meter
+            if meter is not None:
+                meter.before_all_reduce(self._grad_scale(scaler))
+            self.collective.all_reduce_mean_(
+                [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None])
+            if meter is not None:
+                meter.after_all_reduce(batch_size, batch_size * self.collective.world_size, self.collective,
+                                       self._grad_scale(scaler))
+                self._noise_reported = True
         # In-place updates bump a tensor's version counter: how an error after this point
         # tells whether the parameters were already changed.
         self._versions_before_update = [p._version for group in self.optimizer.param_groups for p in group["params"]]
@@ -497,12 +558,13 @@ class BatchSizeScheduler:
         else:
             scaler.step(self.optimizer)
             scaler.update()
-        return total  # type: ignore[return-value]
 
     def _measurement_split(self, sizes: list[int]) -> list[int]:
         """Split a batch that fits in one micro-batch in two halves when the noise scale is
-        measured, so the first half serves as the small batch (if the halves keep to the floor)."""
-        if self.noise_meter is None or len(sizes) > 1 or sizes[0] < 2 * self.constraints.min_batch_size:
+        measured on one process, so the first half serves as the small batch (if the halves keep
+        to the floor); across ranks each rank's batch is the small one."""
+        if self.noise_meter is None or self.collective is not None or len(sizes) > 1 \
+                or sizes[0] < 2 * self.constraints.min_batch_size:
             return sizes
         return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
 
@@ -516,9 +578,9 @@ class BatchSizeScheduler:
     def _observe_noise(self, local_batch_size: int, target: int) -> None:
         if self.noise_meter is None:
             return
-        if not self._noise_from_train_step:
+        if not self._noise_reported:
             self.noise_meter.from_consecutive_steps(local_batch_size)
-        self._noise_from_train_step = False
+        self._noise_reported = False
         observe = getattr(self.schedule, "observe", None)
         if observe is not None:
             noise = self.noise_meter.noise

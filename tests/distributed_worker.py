@@ -1,0 +1,100 @@
+"""One rank of the multi-process tests in test_distributed.py, started by torchrun on loopback.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc-per-node N distributed_worker.py
+SCENARIO OUT_DIR``; each rank writes ``OUT_DIR/rank<r>.json`` with what it trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+
+from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch.memory import FakeMemory
+
+DATASET_SIZE = 512
+
+
+def dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(DATASET_SIZE, 8, generator=generator)
+    return TensorDataset(x, (x[:, 0] > 0).long(), torch.arange(DATASET_SIZE))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def main(scenario: str, out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    data = dataset()
+    net = model()
+    memory = None
+    if scenario in ("agree", "oom"):
+        # Ranks differ in memory: rank 1's device holds less, so the caps must be agreed.
+        capacity = 10_000_000 if rank == 0 else 6_000_000
+        memory = FakeMemory(capacity=capacity, fixed=1_000_000, per_sample=40_000)
+        memory.attach(net)
+    ddp = DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    schedule = schedules.Adaptive(start=32, warmup=4, interval=4) if scenario == "agree" else \
+        schedules.Step(start=32, factor=4, milestones=[1])
+    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=8, lr_scaling="linear", memory=memory,
+                                   accumulate=scenario == "oom")
+    sampler = AdaptiveBatchSampler(data, scheduler, seed=0)
+    effective: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, *_: effective.append(opt.param_groups[0]["lr"]))
+    if scenario == "oom":
+        fired = []
+
+        def fail_once(_module: nn.Module, _inputs: tuple) -> None:
+            if rank == 1 and scheduler.steps == 5 and not fired:
+                fired.append(True)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected on rank 1)")
+
+        net.register_forward_pre_hook(fail_once)
+    record: dict = {"rank": rank, "world_size": world_size, "steps": [], "indices": []}
+    epochs = int(os.environ.get("EPOCHS", "2"))
+    stop_after = int(os.environ.get("STOP_AFTER", "0"))
+    first_epoch = 0
+    if os.environ.get("RESUME_FROM"):
+        state = torch.load(os.environ["RESUME_FROM"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        first_epoch = state["epoch"]
+    for epoch in range(first_epoch, epochs):
+        sampler.set_epoch(epoch)
+        for x, y, index in DataLoader(data, batch_sampler=sampler, num_workers=0):
+            scheduler.train_step((x, y), lambda b: F.cross_entropy(ddp(b[0]), b[1]), no_sync=ddp.no_sync)
+            record["steps"].append({"size": len(x), "lr": effective[-1], "cap": scheduler.constraints.memory_cap,
+                                    "noise": scheduler.noise_meter.noise.noise_scale
+                                    if scheduler.noise_meter is not None else None})
+            record["indices"].append([epoch, index.tolist()])
+            if stop_after and scheduler.steps == stop_after:
+                break
+        if stop_after and scheduler.steps == stop_after:
+            break
+    record["optimizer_steps"] = len(effective)
+    record["scheduler_steps"] = scheduler.steps
+    record["parameters"] = [p.detach().flatten().tolist() for p in net.parameters()]
+    if stop_after and rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": sampler.epoch},
+                   os.path.join(out_dir, "checkpoint.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
+        json.dump(record, file, allow_nan=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
