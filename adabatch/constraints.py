@@ -66,6 +66,9 @@ class BatchSizeConstraints:
         accumulate (bool): whether a batch larger than the memory cap may be trained in
             micro-batches (``BatchSizeScheduler.train_step`` does); if not, the memory cap also
             caps the batch. Default: ``False``.
+        global_floor (bool): ``min_batch_size`` bounds the global batch rather than each
+            replica's, for a model whose BatchNorm layers are ``SyncBatchNorm`` (they see the
+            statistics of all replicas together). Default: ``False``.
 
     Raises:
         ValueError: if a size is not a positive integer, if ``min_batch_size`` exceeds
@@ -73,7 +76,8 @@ class BatchSizeConstraints:
     """
 
     def __init__(
-        self, min_batch_size: int = 1, max_batch_size: int | None = None, multiple_of: int = 1, accumulate: bool = False
+        self, min_batch_size: int = 1, max_batch_size: int | None = None, multiple_of: int = 1, accumulate: bool = False,
+        global_floor: bool = False,
     ) -> None:
         self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
         if max_batch_size is not None:
@@ -85,6 +89,7 @@ class BatchSizeConstraints:
         self.max_batch_size = max_batch_size
         self.multiple_of = check_positive_int("multiple_of", multiple_of)
         self.accumulate = bool(accumulate)
+        self.global_floor = bool(global_floor)
         self.memory_cap: int | None = None
         self.dataset_size: int | None = None
         self.num_replicas = 1
@@ -101,7 +106,7 @@ class BatchSizeConstraints:
         check_positive_int("num_replicas", num_replicas)
         if dataset_size is not None:
             check_positive_int("dataset_size", dataset_size)
-            if dataset_size // num_replicas < self.min_batch_size:
+            if dataset_size // num_replicas < self.floor_for(num_replicas):
                 raise ValueError(
                     f"min_batch_size ({self.min_batch_size}) is larger than each replica's share of the "
                     f"dataset ({dataset_size} samples over {num_replicas} replica(s) = "
@@ -118,7 +123,7 @@ class BatchSizeConstraints:
             caps.append(self.dataset_size // replicas)
         cap_per_replica = min(caps) if caps else math.inf
         self._cap_per_replica = cap_per_replica
-        self._lowest = math.ceil(self.min_batch_size / multiple) * multiple
+        self._lowest = math.ceil(self.floor_per_replica / multiple) * multiple
         self._highest = math.inf if cap_per_replica == math.inf else (cap_per_replica // multiple) * multiple
         if self._highest < self._lowest:
             raise ValueError(
@@ -127,6 +132,16 @@ class BatchSizeConstraints:
                 f"{cap_per_replica} (max_batch_size={self.max_batch_size}, dataset_size="
                 f"{self.dataset_size}, num_replicas={replicas})"
             )
+
+    def floor_for(self, num_replicas: int) -> int:
+        """The per-replica floor for ``num_replicas`` replicas."""
+        return -(-self.min_batch_size // num_replicas) if self.global_floor else self.min_batch_size
+
+    @property
+    def floor_per_replica(self) -> int:
+        """The smallest batch one replica (and one micro-batch) may get: ``min_batch_size``, or
+        its share of it under ``global_floor``."""
+        return self.floor_for(self.num_replicas)
 
     def set_memory_cap(self, memory_cap: int | None) -> None:
         """Set the largest micro-batch one replica's memory holds (``None``: no memory cap)."""
@@ -159,7 +174,7 @@ class BatchSizeConstraints:
         requested = float(requested)
         replicas, multiple = self.num_replicas, self.multiple_of
         # Warn about the request, not about where rounding to multiple_of lands.
-        if requested < self.min_batch_size * replicas:
+        if requested < self.floor_per_replica * replicas:
             self._warn_once(
                 "min",
                 f"the schedule asked for batch size {requested:g}, below min_batch_size={self.min_batch_size} "
@@ -200,7 +215,7 @@ class BatchSizeConstraints:
         if cap < 1:
             raise ValueError(f"memory_cap is {cap}: not even one sample fits")
         count = -(-batch_size // cap)
-        if batch_size // count < self.min_batch_size:
+        if batch_size // count < self.floor_per_replica:
             self._warn_once(
                 "micro",
                 f"a batch of {batch_size} cannot be split into micro-batches of at most {cap} (the memory cap) "

@@ -46,7 +46,7 @@ class BatchSizeScheduler:
         optimizer (Optimizer): the wrapped optimizer.
         schedule (Schedule or callable): the batch size wanted as a function of
             :class:`~adabatch.schedules.Progress` (see :mod:`adabatch.schedules`).
-        min_batch_size (int): smallest batch each replica trains on; use
+        min_batch_size (int): smallest batch each replica (and each micro-batch) trains on; use
             :func:`~adabatch.bn_safe_min_batch_size` for models with BatchNorm. Default: 1.
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
         multiple_of (int): each replica's batch is a multiple of this. Default: 1.
@@ -80,6 +80,8 @@ class BatchSizeScheduler:
             (see :mod:`adabatch.distributed`): memory caps are reduced by MIN, out-of-memory
             flags by MAX, noise statistics summed, so every rank takes the same decisions.
             ``"auto"``: the default process group when it has several ranks. Default: ``"auto"``.
+        sync_batch_norm (bool): the model's BatchNorm layers are ``SyncBatchNorm``, so
+            ``min_batch_size`` bounds the global batch, not each replica's. Default: ``False``.
 
     Example:
         >>> scheduler = BatchSizeScheduler(
@@ -130,6 +132,7 @@ class BatchSizeScheduler:
         measure_noise: bool | None = None,
         noise_decay: float = DEFAULT_EMA_DECAY,
         collective: Collective | str | None = "auto",
+        sync_batch_norm: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -137,7 +140,8 @@ class BatchSizeScheduler:
             raise TypeError(f"schedule must be a Schedule or a callable, got {type(schedule).__name__}")
         self.optimizer = optimizer
         self.schedule = as_schedule(schedule)
-        self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate)
+        self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate,
+                                                global_floor=sync_batch_norm)
         self.lr_scaling = lr_scaling
         self._lr_rule = None if lr_scaling == "gain" else resolve_lr_scaling(lr_scaling)
         if reference_batch_size is not None:
@@ -193,7 +197,7 @@ class BatchSizeScheduler:
             ValueError: if a different dataset size was given or bound before, or if the
                 constraints cannot hold for this dataset and policy.
         """
-        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.min_batch_size)
+        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas))
         if self.layout is not None:
             same = (self.layout.dataset_size, self.layout.num_replicas, self.layout.remainder)
             if same != (dataset_size, num_replicas, remainder):
@@ -215,7 +219,7 @@ class BatchSizeScheduler:
 
     def _check_balance_fits(self, dataset_size: int, num_replicas: int) -> None:
         # A tail of up to 2 * floor - 1 samples per replica may have to stay one batch.
-        floor = self.constraints.min_batch_size
+        floor = self.constraints.floor_per_replica
         cap = self.constraints.per_replica_cap
         if cap < min(2 * floor - 1, dataset_size // num_replicas):
             raise ValueError(
@@ -410,8 +414,8 @@ class BatchSizeScheduler:
 
     def _agreed_cap(self, cap: int | None) -> int | None:
         """The smallest of the ranks' memory caps (every rank must cut batches alike)."""
-        if self.collective is None:
-            return cap
+        if self.collective is None or (self.memory.device is None and self.memory.ceiling is None):
+            return cap  # nothing measured on any rank (the device setting is the same on all)
         agreed = self.collective.min(self._NO_CAP if cap is None else cap)
         return None if agreed == self._NO_CAP else agreed
 
@@ -502,7 +506,7 @@ class BatchSizeScheduler:
             self.optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 reset_grad_scaler_step(scaler, self.optimizer)
-            lowered = self.memory.out_of_memory(failed, self.constraints.min_batch_size)
+            lowered = self.memory.out_of_memory(failed, self.constraints.floor_per_replica)
             self.constraints.set_memory_cap(self._agreed_cap(lowered))
         if self.collective is not None:
             self._synchronise_and_step(batch_size, scaler)
@@ -564,7 +568,7 @@ class BatchSizeScheduler:
         measured on one process, so the first half serves as the small batch (if the halves keep
         to the floor); across ranks each rank's batch is the small one."""
         if self.noise_meter is None or self.collective is not None or len(sizes) > 1 \
-                or sizes[0] < 2 * self.constraints.min_batch_size:
+                or sizes[0] < 2 * self.constraints.floor_per_replica:
             return sizes
         return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
 

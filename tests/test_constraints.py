@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adabatch import BatchSizeConstraints, BatchSizeScheduler, bn_safe_min_batch_size, constraints, schedules
+from adabatch import AdaptiveBatchSampler, BatchSizeConstraints, BatchSizeScheduler, bn_safe_min_batch_size, constraints, schedules
 
 
 def bound(min_batch_size=1, max_batch_size=None, multiple_of=1, dataset_size=None, num_replicas=1):
@@ -262,3 +262,24 @@ def test_docstring_examples_hold():
     results = doctest.testmod(constraints, verbose=False)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+# ------------------------------------------------------ SyncBatchNorm: a global floor
+@pytest.mark.parametrize("num_replicas, floor_per_replica", [(1, 16), (2, 8), (3, 6), (4, 4), (32, 1)])
+def test_a_global_floor_is_shared_among_the_replicas(num_replicas, floor_per_replica):
+    constraints_ = BatchSizeConstraints(min_batch_size=16, global_floor=True)
+    constraints_.bind(dataset_size=1000, num_replicas=num_replicas)
+    assert constraints_.floor_per_replica == floor_per_replica
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the request is below the floor on purpose
+        assert constraints_.apply(1) == floor_per_replica * num_replicas
+    per_replica = BatchSizeConstraints(min_batch_size=16)
+    per_replica.bind(dataset_size=1000, num_replicas=num_replicas)
+    assert per_replica.floor_per_replica == 16
+
+
+def test_the_scheduler_passes_sync_batch_norm_to_the_floor():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(16), min_batch_size=16, sync_batch_norm=True)
+    AdaptiveBatchSampler(1000, scheduler, num_replicas=4, rank=0)
+    assert scheduler.batch_size == 16 and scheduler.constraints.floor_per_replica == 4
