@@ -212,7 +212,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     # -------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """A new dict with the sampler's position (what a ``StatefulDataLoader`` snapshots as
-        each batch is drawn) and the settings a resumed run must share."""
+        each batch is drawn) and its settings. The position is global, so a run may resume on
+        another number of replicas; dataset size, seed, shuffle and remainder policy must match."""
         return {
             self._EPOCH: self._epoch,
             self._POSITION: self._cursor,

@@ -166,6 +166,7 @@ class BatchSizeScheduler:
         self._noise_reported = False  # train_step measured this step's pair already
         if isinstance(collective, str) and collective != "auto":
             raise ValueError(f"collective must be a Collective, 'auto' or None, got {collective!r}")
+        self._collective_auto = collective == "auto"
         self.collective = default_collective() if collective == "auto" else collective
 
         self._position = 0
@@ -212,6 +213,9 @@ class BatchSizeScheduler:
             if expected is not None and expected != dataset_size:
                 raise ValueError(f"{name} is {expected}, but the sampler's dataset has {dataset_size} samples")
         self.constraints.bind(dataset_size, num_replicas)
+        if self._collective_auto and self.collective is None and num_replicas > 1:
+            # Built before the process group was: look again now that the sampler shards.
+            self.collective = default_collective()
         if remainder == "balance":
             self._check_balance_fits(dataset_size, num_replicas)
         self.layout = layout
@@ -250,7 +254,7 @@ class BatchSizeScheduler:
         so batches drawn but not trained before a checkpoint get the same sizes after it.
         """
         planned = self._plan.get(position)
-        if planned is None:
+        if planned is None or planned[1] % self.num_replicas:
             planned = self._decide(position)
             self._plan[position] = planned
             if len(self._plan) > self._PLAN_LIMIT:
@@ -259,7 +263,11 @@ class BatchSizeScheduler:
 
     def _planned(self, position: int) -> tuple[int, int, int]:
         """``(start, size, target)`` of the batch after ``position``, recorded or decided now."""
-        return self._plan.get(position) or self._decide(position)
+        planned = self._plan.get(position)
+        # A record from a run on another number of replicas may not split evenly here.
+        if planned is None or planned[1] % self.num_replicas:
+            return self._decide(position)
+        return planned
 
     def _decide(self, position: int) -> tuple[int, int, int]:
         if self.layout is None:
@@ -475,6 +483,12 @@ class BatchSizeScheduler:
             >>> for x, y in loader:
             ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
         """
+        if no_sync is not None and self.collective is None and self.num_replicas > 1:
+            raise RuntimeError(
+                f"train_step(no_sync=...) across {self.num_replicas} replicas needs a collective to average the "
+                f"gradients, and this scheduler has none: initialise the torch.distributed process group before "
+                f"building the AdaptiveBatchSampler, or pass collective= to BatchSizeScheduler"
+            )
         batch_size = batch_length(batch)
         while True:
             sizes = self._measurement_split(self.constraints.micro_batch_sizes(batch_size))

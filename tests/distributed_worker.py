@@ -6,6 +6,7 @@ SCENARIO OUT_DIR``; each rank writes ``OUT_DIR/rank<r>.json`` with what it train
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -93,6 +94,10 @@ def main(scenario: str, out_dir: str) -> None:
                    os.path.join(out_dir, "checkpoint.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
         json.dump(record, file, allow_nan=True)
+    # A DistributedDataParallel still alive when the group is destroyed can abort the process
+    # at exit under gloo; collect it first.
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ the same memory and out-of-memory decisions (tests/distributed_worker.py is one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -114,3 +115,17 @@ def test_a_checkpoint_from_two_ranks_resumes_on_another_world_size(tmp_path: Pat
                                  RESUME_FROM=str(checkpoint)))[0]
     assert len(before) == 3 * 32, "three global batches of 32 before the stop"
     assert sorted(before + after) == list(range(worker.DATASET_SIZE)), "the global stream continues: none skipped or repeated"
+
+
+def test_train_step_refuses_to_skip_the_gradient_average_without_a_collective() -> None:
+    """Sharded over two replicas with DDP's all-reduce turned off, a scheduler that cannot average
+    the gradients would let the replicas' models drift apart silently."""
+    data = worker.dataset()
+    net = worker.model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), memory=None, collective=None)
+    sampler = AdaptiveBatchSampler(data, scheduler, num_replicas=2, rank=0)
+    x, y, _ = next(iter(DataLoader(data, batch_sampler=sampler)))
+    with pytest.raises(RuntimeError, match=r"train_step\(no_sync=\.\.\.\) across 2 replicas needs a collective"):
+        scheduler.train_step((x, y), lambda b: F.cross_entropy(net(b[0]), b[1]), no_sync=contextlib.nullcontext)
+    assert scheduler.steps == 0
