@@ -39,6 +39,7 @@ __all__ = [
     "MissingExtrasError",
     "batch_size_curve",
     "build_model",
+    "build_training",
     "format_summary",
     "make_mnist1d",
     "run_demo",
@@ -204,6 +205,31 @@ def build_model(num_classes: int = 10) -> nn.Sequential:
     )
 
 
+def build_training(
+    model: nn.Module, parameters: Any, writer: Any
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR, BatchSizeScheduler]:
+    """The demo's recipe: SGD with momentum and weight decay over ``parameters``, the learning
+    rate decayed once growth has stopped, and the growth schedule with ``model``'s BatchNorm floor.
+
+    Args:
+        model (nn.Module): the model, for its BatchNorm floor.
+        parameters (iterable): what the optimizer trains (``ddp.parameters()`` under DDP).
+        writer (SummaryWriter, optional): where the scheduler writes its curves.
+    """
+    optimizer = torch.optim.SGD(parameters, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    lr_decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(LR_DECAY_EPOCHS), gamma=LR_DECAY)
+    scheduler = BatchSizeScheduler(
+        optimizer,
+        schedules.Step(start=START_BATCH_SIZE, factor=GROWTH_FACTOR, milestones=list(GROWTH_EPOCHS)),
+        min_batch_size=bn_safe_min_batch_size(model),
+        max_batch_size=MAX_BATCH_SIZE,
+        lr_scaling="none",
+        writer=writer,
+        log_every=LOG_EVERY,
+    )
+    return optimizer, lr_decay, scheduler
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, test_set: TensorDataset) -> float:
     """Accuracy of ``model`` on ``test_set``, in ``[0, 1]``."""
@@ -249,18 +275,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
 
     torch.manual_seed(config.seed)
     model = build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    lr_decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(LR_DECAY_EPOCHS), gamma=LR_DECAY)
     writer = SummaryWriter(logdir)
-    scheduler = BatchSizeScheduler(
-        optimizer,
-        schedules.Step(start=START_BATCH_SIZE, factor=GROWTH_FACTOR, milestones=list(GROWTH_EPOCHS)),
-        min_batch_size=bn_safe_min_batch_size(model),
-        max_batch_size=MAX_BATCH_SIZE,
-        lr_scaling="none",
-        writer=writer,
-        log_every=LOG_EVERY,
-    )
+    optimizer, lr_decay, scheduler = build_training(model, model.parameters(), writer)
     sampler = AdaptiveBatchSampler(train_set, scheduler, shuffle=True, seed=config.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
 

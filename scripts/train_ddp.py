@@ -40,24 +40,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, bn_safe_min_batch_size, schedules
+from adabatch import AdaptiveBatchSampler
 from adabatch.demo import (
     DEFAULT_EPOCHS,
     DEFAULT_NUM_SAMPLES,
-    GROWTH_EPOCHS,
-    GROWTH_FACTOR,
-    LOG_EVERY,
-    LR,
-    LR_DECAY,
-    LR_DECAY_EPOCHS,
-    MAX_BATCH_SIZE,
-    MOMENTUM,
-    START_BATCH_SIZE,
-    WEIGHT_DECAY,
     DemoConfig,
     DemoResult,
     MissingExtrasError,
     build_model,
+    build_training,
     evaluate,
     format_summary,
     make_mnist1d,
@@ -110,18 +101,8 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
     torch.manual_seed(args.seed)
     model = build_model().to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    lr_decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(LR_DECAY_EPOCHS), gamma=LR_DECAY)
     writer = SummaryWriter(logdir) if rank == 0 else None
-    scheduler = BatchSizeScheduler(
-        optimizer,
-        schedules.Step(start=START_BATCH_SIZE, factor=GROWTH_FACTOR, milestones=list(GROWTH_EPOCHS)),
-        min_batch_size=bn_safe_min_batch_size(model),
-        max_batch_size=MAX_BATCH_SIZE,
-        lr_scaling="none",
-        writer=writer,
-        log_every=LOG_EVERY,
-    )
+    optimizer, lr_decay, scheduler = build_training(model, ddp.parameters(), writer)
     sampler = AdaptiveBatchSampler(train_set, scheduler, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, pin_memory=device.type == "cuda")
     collective = default_collective()

@@ -96,7 +96,7 @@ def main(scenario: str, out_dir: str) -> None:
         json.dump(record, file, allow_nan=True)
     # A DistributedDataParallel still alive when the group is destroyed can abort the process
     # at exit under gloo; collect it first.
-    del ddp
+    ddp = None  # drop the last reference
     gc.collect()
     dist.destroy_process_group()
 
