@@ -40,6 +40,7 @@ __all__ = [
     "batch_size_curve",
     "build_model",
     "build_training",
+    "log_epoch",
     "format_summary",
     "make_mnist1d",
     "run_demo",
@@ -230,6 +231,13 @@ def build_training(
     return optimizer, lr_decay, scheduler
 
 
+def log_epoch(writer: Any, scheduler: BatchSizeScheduler, test_acc: float, train_loss: float) -> None:
+    """Write an epoch's test accuracy and training loss against steps and against samples seen."""
+    for name, value in (("test_accuracy", test_acc), ("train_loss", train_loss)):
+        writer.add_scalar(f"demo/{name}", value, scheduler.steps)
+        writer.add_scalar(f"demo_vs_samples/{name}", value, scheduler.samples_seen)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, test_set: TensorDataset) -> float:
     """Accuracy of ``model`` on ``test_set``, in ``[0, 1]``."""
@@ -312,9 +320,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
             batch_sizes.append(largest_batch)
             train_losses.append(float(loss_sum) / samples)
             test_accs.append(evaluate(model, test_set))
-            for name, value in (("test_accuracy", test_accs[-1]), ("train_loss", train_losses[-1])):
-                writer.add_scalar(f"demo/{name}", value, scheduler.steps)
-                writer.add_scalar(f"demo_vs_samples/{name}", value, scheduler.samples_seen)
+            log_epoch(writer, scheduler, test_accs[-1], train_losses[-1])
             bar.set_postfix(epoch=epoch, batch=batch_sizes[-1], test_acc=f"{test_accs[-1]:.2%}", refresh=False)
     finally:
         bar.close()

@@ -50,6 +50,7 @@ from adabatch.demo import (
     build_model,
     build_training,
     evaluate,
+    log_epoch,
     format_summary,
     make_mnist1d,
 )
@@ -135,9 +136,7 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
             train_losses.append(loss_total / sample_total)
             if rank == 0:
                 test_accs.append(evaluate(model, test_set))
-                for name, value in (("test_accuracy", test_accs[-1]), ("train_loss", train_losses[-1])):
-                    writer.add_scalar(f"demo/{name}", value, scheduler.steps)
-                    writer.add_scalar(f"demo_vs_samples/{name}", value, scheduler.samples_seen)
+                log_epoch(writer, scheduler, test_accs[-1], train_losses[-1])
     finally:
         if writer is not None:
             writer.close()
