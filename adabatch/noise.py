@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "preconditioner"]
+__all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "is_adam_family", "preconditioner"]
 
 #: Default decay of the moving averages of |G|² and tr(Σ).
 DEFAULT_EMA_DECAY = 0.95
@@ -157,15 +157,21 @@ class NoiseScale:
         self._grad_var.load_state_dict(state_dict["grad_var"])
 
 
+def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group has Adam's ``betas`` and ``eps`` (Adam, AdamW, NAdam,
+    RAdam, Adamax...): an optimizer that divides by a second-moment estimate."""
+    return all(group.get("betas") is not None and group.get("eps") is not None for group in optimizer.param_groups)
+
+
 def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
     """``1 / (√v̂ + eps)`` for each parameter with a gradient of an Adam-family optimizer (one
     with an ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the
     first step."""
+    if not is_adam_family(optimizer):
+        return None
     scales: dict[torch.Tensor, torch.Tensor] = {}
     for group in optimizer.param_groups:
-        betas, eps = group.get("betas"), group.get("eps")
-        if betas is None or eps is None:
-            return None
+        betas, eps = group["betas"], group["eps"]
         # AMSGrad divides by the running maximum of the second moment.
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         for parameter in group["params"]:

@@ -16,7 +16,7 @@ from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device, is_out_of_memory
 from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, is_adam_family
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .schedules.base import check_positive_int
 
@@ -55,7 +55,10 @@ class BatchSizeScheduler:
             ``"linear"`` (Goyal et al. 2017), ``"sqrt"`` (Krizhevsky 2014; Malladi et al. 2022
             for Adam), ``"gain"`` (AdaScale, Johnson et al. 2020: the factor is
             ``(B_simple/B_0 + 1) / (B_simple/B + 1)`` from the measured noise scale, between 1
-            and the ratio), or a callable from the ratio to a factor. Default: ``"none"``.
+            and the ratio; its square root for Adam-family optimizers, as ``"sqrt"`` is to
+            ``"linear"``), or a callable from the ratio to a factor. Default: the schedule's
+            :attr:`~adabatch.schedules.Schedule.default_lr_scaling`: ``"gain"`` for
+            :class:`~adabatch.schedules.Adaptive`, ``"none"`` for timetables and callables.
         reference_batch_size (int, optional): the batch size at which the factor is 1.
             Default: the size the schedule starts at, after the constraints.
         warmup_steps (int): after each change of batch size, move the factor linearly from
@@ -120,7 +123,7 @@ class BatchSizeScheduler:
         min_batch_size: int = 1,
         max_batch_size: int | None = None,
         multiple_of: int = 1,
-        lr_scaling: LRScaling = "none",
+        lr_scaling: LRScaling | None = None,
         reference_batch_size: int | None = None,
         warmup_steps: int = 0,
         dataset_size: int | None = None,
@@ -142,6 +145,8 @@ class BatchSizeScheduler:
         self.schedule = as_schedule(schedule)
         self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate,
                                                 global_floor=sync_batch_norm)
+        if lr_scaling is None:
+            lr_scaling = getattr(self.schedule, "default_lr_scaling", "none")
         self.lr_scaling = lr_scaling
         self._lr_rule = None if lr_scaling == "gain" else resolve_lr_scaling(lr_scaling)
         if reference_batch_size is not None:
@@ -315,11 +320,17 @@ class BatchSizeScheduler:
         """AdaScale's gain (Johnson et al. 2020): how much further a step on ``target`` samples
         may go than one on the reference batch ``B_0``, ``(B_simple/B_0 + 1) / (B_simple/B + 1)``:
         1 without gradient noise (a larger batch changes nothing), ``B/B_0`` when it is all noise
-        (linear scaling); 1 until the noise scale is measured."""
+        (linear scaling); 1 until the noise scale is measured. For an Adam-family optimizer, whose
+        step does not grow with the gradient's norm, its square root (the square-root rule of
+        Malladi et al. 2022 where the noise dominates)."""
         noise_scale = self.noise_meter.noise.noise_scale if self.noise_meter is not None else math.nan
-        if not math.isfinite(noise_scale):
-            return 1.0 if math.isnan(noise_scale) else target / self.reference_batch_size
-        return (noise_scale / self.reference_batch_size + 1) / (noise_scale / target + 1)
+        if math.isnan(noise_scale):
+            return 1.0
+        if math.isinf(noise_scale):
+            gain = target / self.reference_batch_size
+        else:
+            gain = (noise_scale / self.reference_batch_size + 1) / (noise_scale / target + 1)
+        return math.sqrt(gain) if is_adam_family(self.optimizer) else gain
 
     # ---------------------------------------------------------------- progress
     @property

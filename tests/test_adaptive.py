@@ -348,7 +348,8 @@ def build(num_workers: int = 2) -> Training:
             nn.init.normal_(parameter, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     schedule = schedules.Adaptive(start=4, warmup=4, interval=3, growth_per_epoch=2.0)
-    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=2, max_batch_size=64)
+    # A constant learning rate: this run is about growth and resuming, and grows further without the gain.
+    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=2, max_batch_size=64, lr_scaling="none")
     sampler = AdaptiveBatchSampler(RESUME_DATASET, scheduler, shuffle=True, seed=0)
     loader = DataLoader(RESUME_DATASET, batch_sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0)

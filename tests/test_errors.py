@@ -120,7 +120,7 @@ def test_no_multiple_between_floor_and_cap(optimizer):
         make_scheduler(optimizer, min_batch_size=5, max_batch_size=7, multiple_of=8)
 
 
-@pytest.mark.parametrize("lr_scaling", ["cubic", "Linear", "", None, 2])
+@pytest.mark.parametrize("lr_scaling", ["cubic", "Linear", "", 2, 1.0])
 def test_unknown_lr_scaling(optimizer, lr_scaling):
     message = r"lr_scaling must be one of \('none', 'linear', 'sqrt', 'gain'\) or a callable, got " + re.escape(repr(lr_scaling))
     with pytest.raises(ValueError, match=message):

@@ -546,6 +546,35 @@ def test_gain_factor_from_the_noise_scale(state, factor):
     assert scheduler.lr_factor == factor
 
 
+@pytest.mark.parametrize("make", [torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam], ids=lambda m: m.__name__)
+def test_gain_for_adam_family_optimizers_is_its_square_root(make):
+    optimizer = make([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), lr_scaling="gain", reference_batch_size=8,
+                                   noise_decay=0.5)
+    scheduler.noise_meter.noise.load_state_dict(noise_state(1.0, 24.0))
+    assert scheduler.lr_factor == pytest.approx(math.sqrt((24 / 8 + 1) / (24 / 32 + 1)), rel=1e-12)
+    scheduler.noise_meter.noise.load_state_dict(noise_state(-1.0, 5.0))
+    assert scheduler.lr_factor == 2.0, "all noise: the square-root rule"
+
+
+@pytest.mark.parametrize(
+    "schedule, lr_scaling, expected",
+    [
+        (schedules.Adaptive(), None, "gain"),
+        (schedules.Step(start=8, factor=2, milestones=[1]), None, "none"),
+        (lambda progress: 8, None, "none"),
+        (schedules.Adaptive(), "sqrt", "sqrt"),
+        (schedules.Constant(8), "gain", "gain"),
+    ],
+    ids=["adaptive", "timetable", "callable", "adaptive-given", "timetable-given"],
+)
+def test_default_lr_scaling_is_the_schedules(schedule, lr_scaling, expected):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedule, lr_scaling=lr_scaling)
+    assert scheduler.lr_scaling == expected
+    assert (scheduler.noise_meter is not None) == (expected == "gain" or isinstance(schedule, schedules.Adaptive))
+
+
 def test_gain_follows_the_measured_noise_during_training():
     dataset, solution = least_squares_data()
     model = least_squares_model(solution)

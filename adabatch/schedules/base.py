@@ -60,7 +60,15 @@ class Schedule(abc.ABC):
 
     Subclasses implement :meth:`batch_size_at`; the result may be fractional, and is rounded
     and bounded by :class:`~adabatch.constraints.BatchSizeConstraints`, never here.
+
+    :attr:`default_lr_scaling` is the learning-rate rule a
+    :class:`~adabatch.BatchSizeScheduler` uses with this schedule when its ``lr_scaling`` is
+    not given: ``"none"`` for timetables (growing the batch anneals the gradient noise, as
+    decaying the learning rate would; Smith et al. 2018).
     """
+
+    #: The ``lr_scaling`` a scheduler uses with this schedule by default.
+    default_lr_scaling = "none"
 
     @abc.abstractmethod
     def batch_size_at(self, progress: Progress) -> float:
