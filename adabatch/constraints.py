@@ -157,6 +157,11 @@ class BatchSizeConstraints:
         by_memory = (self.memory_cap // self.multiple_of) * self.multiple_of
         return max(self._lowest, min(self._highest, by_memory))
 
+    def largest(self, memory: bool = True) -> float:
+        """The largest global batch size :meth:`apply` hands out now (``inf`` while unbounded);
+        ``memory=False``: under the static bounds only."""
+        return (self._memory_highest() if memory else self._highest) * self.num_replicas
+
     @property
     def per_replica_cap(self) -> float:
         """The most samples one replica's batch may hold, from ``max_batch_size`` and the dataset

@@ -614,7 +614,7 @@ class BatchSizeScheduler:
         if observe is not None:
             noise = self.noise_meter.noise
             observe(Progress(samples=self._position, dataset_size=self.dataset_size), noise.noise_scale, noise.steps,
-                    target)
+                    target, largest=self.constraints.largest())
 
     def _noise_values(self) -> dict[str, float]:
         if self.noise_meter is None or not self.noise_meter.noise.steps:

@@ -129,7 +129,8 @@ class Adaptive(Schedule):
         signal = noise_scale if self.signal == "noise_scale" else noise_scale / self.theta**2
         return start ** (1 - self.exponent) * signal**self.exponent
 
-    def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int) -> None:
+    def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
+                largest: float = math.inf) -> None:
         """Take a decision, if one is due, from the smoothed noise scale after a step.
 
         Args:
@@ -137,6 +138,8 @@ class Adaptive(Schedule):
             noise_scale (float): the smoothed ``B_simple``.
             measured_steps (int): steps the noise statistics have averaged.
             current (int): the batch size trained now, after the constraints.
+            largest (float): the largest batch size the constraints allow now; decisions stop
+                there. Default: unbounded.
         """
         if self._size is None:
             self._size = self.initial_size(progress)
@@ -148,7 +151,7 @@ class Adaptive(Schedule):
                 or noise_scale <= 0:
             return
         start = self.initial_size(progress)
-        target = min(self.target(noise_scale, start), self._epoch_base * self.growth_per_epoch)
+        target = min(self.target(noise_scale, start), self._epoch_base * self.growth_per_epoch, largest)
         if self.monotone:
             # Batches drawn before the last decision may still be training at the old size:
             # the bound is the decision itself, not only the size trained now.
