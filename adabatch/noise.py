@@ -199,7 +199,7 @@ class GradientNoiseMeter:
         self.optimizer = optimizer
         self.noise = NoiseScale(decay)
         self._small: tuple[float, int] | None = None
-        self._previous: tuple[list[torch.Tensor], int] | None = None
+        self._previous: tuple[torch.Tensor, int, float] | None = None  # flat gradient, batch size, squared norm
 
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -213,12 +213,13 @@ class GradientNoiseMeter:
         return [grad * scales[p] for grad, p in zip(grads, parameters)]
 
     @staticmethod
+    @torch.no_grad()
     def _sqr_norm(grads: list[torch.Tensor]) -> float:
         if not grads:
             return math.nan
-        norms = torch.stack(torch._foreach_norm([g.detach() for g in grads]))
-        # Squared and summed in double precision: tr(Σ) is a difference of two nearly equal norms.
-        return float(norms.double().pow(2).sum())
+        # One kernel for the norms and one transfer; squared and summed in double precision,
+        # as tr(Σ) is a difference of two nearly equal squared norms.
+        return math.fsum(norm * norm for norm in torch.stack(torch._foreach_norm(grads)).tolist())
 
     def after_first_micro_batch(self, batch_small: int, share: float, grad_scale: float = 1.0) -> None:
         """Record ``|G_small|²`` from the gradients accumulated so far: the first micro-batch's
@@ -254,16 +255,18 @@ class GradientNoiseMeter:
         if not grads:
             self._previous = None
             return False
-        # One flat copy per step; the combined mean's norm follows from two norms and a dot product.
-        flat = torch.cat([g.detach().reshape(-1) for g in grads]).double()
-        previous, self._previous = self._previous, ([flat], batch_size)
-        if previous is None or previous[0][0].numel() != flat.numel():
-            return False
-        (previous_flat,), previous_size = previous
+        # One flat copy per step, in double precision; the combined mean's squared norm follows
+        # from the two squared norms (the previous one kept from its own step) and one dot product.
+        with torch.no_grad():
+            flat = torch.cat([g.reshape(-1) for g in grads]).double()
+            previous, self._previous = self._previous, None
+            if previous is None or previous[0].numel() != flat.numel():
+                self._previous = (flat, batch_size, float(flat.dot(flat)))
+                return False
+            previous_flat, previous_size, previous_sqr = previous
+            grad_sqr, mixed = torch.stack([flat.dot(flat), flat.dot(previous_flat)]).tolist()
+        self._previous = (flat, batch_size, grad_sqr)
         both = batch_size + previous_size
         share, previous_share = batch_size / both, previous_size / both
-        grad_sqr = float(flat.dot(flat))
-        mixed = float(flat.dot(previous_flat))
-        previous_sqr = float(previous_flat.dot(previous_flat))
         mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
         return self.noise.update(grad_sqr, batch_size, mean_sqr, both)
