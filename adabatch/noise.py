@@ -46,6 +46,9 @@ __all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "is_adam_fami
 #: Default decay of the moving averages of |G|² and tr(Σ).
 DEFAULT_EMA_DECAY = 0.95
 
+#: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``).
+DEFAULT_NOISE_INTERVAL = 512
+
 
 class BiasCorrectedEMA:
     """An exponential moving average that is unbiased from its first update (Adam's correction).
@@ -248,24 +251,35 @@ class GradientNoiseMeter:
         grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
         return self.noise.update(grad_sqr_small, batch_small, grad_sqr_big, batch_big)
 
-    def from_consecutive_steps(self, batch_size: int) -> bool:
+    def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
-        mean with the previous step's. Biased: see the module's docstring."""
+        mean with the previous step's. Biased: see the module's docstring.
+
+        Args:
+            batch_size (int): samples behind this step's gradient.
+            measure (bool): pair this step with the previous one, if that one was kept.
+            keep (bool): keep this step's gradient (one flat copy) for the next step's pair.
+
+        Returns:
+            whether a pair was counted.
+        """
+        previous, self._previous = self._previous, None
+        if not (measure or keep):
+            return False
         grads = self._preconditioned()
         if not grads:
-            self._previous = None
             return False
-        # One flat copy per step, in double precision; the combined mean's squared norm follows
-        # from the two squared norms (the previous one kept from its own step) and one dot product.
+        # One flat copy, in double precision; the combined mean's squared norm follows from the
+        # two squared norms (the previous one kept from its own step) and one dot product.
         with torch.no_grad():
             flat = torch.cat([g.reshape(-1) for g in grads]).double()
-            previous, self._previous = self._previous, None
-            if previous is None or previous[0].numel() != flat.numel():
+            if not measure or previous is None or previous[0].numel() != flat.numel():
                 self._previous = (flat, batch_size, float(flat.dot(flat)))
                 return False
             previous_flat, previous_size, previous_sqr = previous
             grad_sqr, mixed = torch.stack([flat.dot(flat), flat.dot(previous_flat)]).tolist()
-        self._previous = (flat, batch_size, grad_sqr)
+        if keep:
+            self._previous = (flat, batch_size, grad_sqr)
         both = batch_size + previous_size
         share, previous_share = batch_size / both, previous_size / both
         mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed

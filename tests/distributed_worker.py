@@ -51,8 +51,9 @@ def main(scenario: str, out_dir: str) -> None:
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     schedule = schedules.Adaptive(start=32, warmup=4, interval=4) if scenario == "agree" else \
         schedules.Step(start=32, factor=4, milestones=[1])
+    # Every other step measured (at global batch 32): the ranks must agree on which.
     scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=8, lr_scaling="linear", memory=memory,
-                                   accumulate=scenario == "oom")
+                                   accumulate=scenario == "oom", noise_interval=64)
     sampler = AdaptiveBatchSampler(data, scheduler, seed=0)
     effective: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, *_: effective.append(opt.param_groups[0]["lr"]))

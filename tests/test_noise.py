@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import re
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -246,7 +247,7 @@ def train_at_fixed_parameters(loop: str, steps: int, noise_decay: float, batch_s
     model = least_squares_model(solution)
     before = parameters_of(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(batch_size), measure_noise=True,
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(batch_size), measure_noise=True, noise_interval=1,
                                    noise_decay=noise_decay)
     sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler)
@@ -294,7 +295,7 @@ def test_with_a_memory_cap_the_first_micro_batch_is_the_small_batch():
     fake.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = BatchSizeScheduler(optimizer, schedules.Constant(50), memory=fake, accumulate=True,
-                                   measure_noise=True)
+                                   measure_noise=True, noise_interval=1)
     sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
     micro_batches: list[torch.Tensor] = []
 
@@ -332,7 +333,7 @@ def test_a_batch_too_small_to_halve_is_not_split_nor_counted(batch_size, min_bat
     model = least_squares_model(solution)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = BatchSizeScheduler(optimizer, schedules.Constant(batch_size), min_batch_size=min_batch_size,
-                                   measure_noise=True)
+                                   measure_noise=True, noise_interval=1)
     sizes: list[int] = []
     steps = 3
     for start in range(0, steps * batch_size, batch_size):
@@ -445,6 +446,45 @@ def test_a_parameter_without_gradients_does_not_turn_off_preconditioning():
     assert (meter.noise.last_grad_sqr, meter.noise.last_grad_var) == pytest.approx(expected, rel=1e-5)
 
 
+# ------------------------------------------------------------------ one measurement per noise_interval samples
+@pytest.mark.parametrize("loop", ["train_step", "plain"])
+@pytest.mark.parametrize("batch_size, noise_interval", [(8, 32), (8, 20), (16, 16), (32, 16)])
+def test_noise_is_measured_on_the_steps_that_reach_a_multiple_of_noise_interval(loop, batch_size, noise_interval):
+    dataset, solution = least_squares_data()
+    model = least_squares_model(solution)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(batch_size), measure_noise=True,
+                                   noise_interval=noise_interval)
+    backward_passes = [0]
+    model.weight.register_hook(lambda gradient: backward_passes.__setitem__(0, backward_passes[0] + 1))
+    sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
+    measured, passes, kept = [], [], []
+    for step, batch in enumerate(islice(iter(sampler), 16), start=1):
+        counted_before, passes_before = scheduler.noise_meter.noise.steps, backward_passes[0]
+        train_one(loop, scheduler, optimizer, mean_squared_error(model), dataset[batch])
+        measured.append(scheduler.noise_meter.noise.steps > counted_before)
+        passes.append(backward_passes[0] - passes_before)
+        kept.append(scheduler.noise_meter._previous is not None)
+    due = [(step * batch_size) // noise_interval > ((step - 1) * batch_size) // noise_interval for step in range(1, 17)]
+    if loop == "train_step":
+        assert measured == due
+        assert passes == [2 if d else 1 for d in due], "only a measured step is split in two"
+        assert not any(kept), "train_step keeps no copy of the gradients"
+    else:
+        # A due step is paired with the step before it, whose gradient was kept for it (none
+        # before the first step).
+        assert measured == [d and step > 1 for step, d in enumerate(due, start=1)]
+        assert kept == due[1:] + [(17 * batch_size) // noise_interval > (16 * batch_size) // noise_interval]
+        assert passes == [1] * 16
+
+
+def test_noise_interval_must_be_a_positive_integer():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for bad in (0, -512, 1.5, "512", None, True):
+        with pytest.raises(ValueError, match=re.escape(f"noise_interval must be a positive integer, got {bad!r}")):
+            BatchSizeScheduler(optimizer, schedules.Constant(8), noise_interval=bad)
+
+
 # ------------------------------------------------------------------ mixed precision
 def scaled_training(inf_at_micro_batch: int | None, scaler: torch.amp.GradScaler | None):
     """One step of 16 samples (two micro-batches of 8) by ``train_step``; a gradient hook puts an
@@ -452,7 +492,7 @@ def scaled_training(inf_at_micro_batch: int | None, scaler: torch.amp.GradScaler
     dataset, solution = least_squares_data()
     model = least_squares_model(solution)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(16), measure_noise=True)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(16), measure_noise=True, noise_interval=1)
     backward_passes = [0]
 
     def poison(gradient):
@@ -498,7 +538,7 @@ def test_noise_curves_are_written(loop, first_logged, tmp_path: Path):
     model = least_squares_model(solution)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     writer = SummaryWriter(str(tmp_path))
-    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True, writer=writer)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True, noise_interval=1, writer=writer)
     sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
     loss_fn = mean_squared_error(model)
     logged = []
@@ -581,7 +621,7 @@ def test_gain_follows_the_measured_noise_during_training():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     # B_0 is the schedule's start: 8, then 32 after the first 64 samples.
     scheduler = BatchSizeScheduler(optimizer, schedules.Step(start=8, factor=4, milestones=[64], unit="sample"),
-                                   lr_scaling="gain")
+                                   lr_scaling="gain", noise_interval=1)
     effective_lrs: list[float] = []
     optimizer.register_step_pre_hook(lambda o, args, kwargs: effective_lrs.append(o.param_groups[0]["lr"]))
     sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
@@ -627,7 +667,7 @@ def plain_loop_run(stop: int | None, total: int = 12):
     def build():
         model = least_squares_model(solution)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True)
+        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True, noise_interval=1)
         sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
         return model, optimizer, scheduler, sampler
 
