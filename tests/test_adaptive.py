@@ -32,8 +32,10 @@ NO_GROWTH_CAP = 1000.0
 
 
 def adaptive(**options: Any) -> schedules.Adaptive:
-    """A controller that decides at every step, without warmup, unless told otherwise."""
-    return schedules.Adaptive(**{"warmup": 0, "interval": 1, "growth_per_epoch": NO_GROWTH_CAP, **options})
+    """A controller that decides at every step, without warmup, towards the geometric mean of
+    its start and the signal (exponent 0.5), unless told otherwise."""
+    return schedules.Adaptive(**{"warmup": 0, "interval": 1, "growth_per_epoch": NO_GROWTH_CAP, "exponent": 0.5,
+                                 **options})
 
 
 def observe(schedule: schedules.Adaptive, signals: list[float], dataset_size: int = 10**6) -> list[float]:
@@ -133,7 +135,8 @@ def test_decisions_wait_for_warmup_and_come_every_interval(warmup, interval, fir
         sizes.append(schedule.batch_size_at(Progress(samples, 10**6)))
     decided = [step for step, (before, after) in enumerate(zip([8.0] + sizes, sizes), start=1) if after != before]
     assert decided[0] == first_decision
-    assert sizes[first_decision - 1] == pytest.approx(math.sqrt(8 * 200 * first_decision))
+    exponent = schedule.exponent  # the default
+    assert sizes[first_decision - 1] == pytest.approx(8 ** (1 - exponent) * (200 * first_decision) ** exponent)
     assert all((step - first_decision) % interval == 0 for step in decided)
     assert len(decided) == len(range(first_decision, 21, interval))  # the signal rises: every decision grows
 
@@ -361,9 +364,9 @@ def build(num_workers: int = 2) -> Training:
         for parameter in model.parameters():
             nn.init.normal_(parameter, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    schedule = schedules.Adaptive(start=4, warmup=4, interval=3, growth_per_epoch=2.0)
+    schedule = schedules.Adaptive(start=4, warmup=4, interval=3, growth_per_epoch=2.0, exponent=0.5)
     # A constant learning rate: this run is about growth and resuming, and grows further without the gain.
-    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=2, max_batch_size=64, lr_scaling="none")
+    scheduler = BatchSizeScheduler(optimizer, schedule, noise_interval=1, min_batch_size=2, max_batch_size=64, lr_scaling="none")
     sampler = AdaptiveBatchSampler(RESUME_DATASET, scheduler, shuffle=True, seed=0)
     loader = DataLoader(RESUME_DATASET, batch_sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
