@@ -1,97 +1,138 @@
 """Step-time overhead of adabatch's scheduler and noise statistics on the MNIST-1D CNN.
 
-Side by side in one run, alternating, on the demo's CNN with BatchNorm at batch 256 on the CPU
-(SGD, momentum 0.9), each variant timed over the same batches, taken from memory so that only
-the training step and what adabatch adds to it are timed (the sampler's own cost is
-``sampler_overhead.py``'s):
+Side by side in one run on the demo's CNN with BatchNorm at batch 256 on the CPU (SGD, momentum
+0.9). Every variant trains its own copy of the model on the same batches, taken from memory so
+that only the training step and what adabatch adds to it are timed (the sampler's own cost is
+``sampler_overhead.py``'s). The variants take turns step by step, in a new random order at each
+step (a fixed rotation keeps who runs after whom, and that alone moved a variant by 2–3%), so
+that a shared machine's changing load falls on all of them alike:
 
 * ``plain``: forward, backward, ``optimizer.step()``.
+* ``plain again``: the same, a second time: the control, whose ratio shows the noise floor.
 * ``scheduler``: the same with a ``BatchSizeScheduler`` wrapping the optimizer and
   ``scheduler.step(len(x))`` after each step.
 * ``scheduler+noise``: the same with the noise scale measured (the plain loop's fallback: two
   squared norms and one copy of the gradients per step).
-* ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` at batch 256, the
-  batch trained as two micro-batches of 128 whose first is the small batch of the estimator.
+* ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` (and its default
+  AdaScale gain) at batch 256. The batch fits in one micro-batch, so it is trained as two halves
+  of 128, the first of which is the estimator's small batch.
+* ``halves``: those two halves by hand, without adabatch: the same arithmetic as
+  ``train_step+noise``, so the ratio between the two is what adabatch's bookkeeping costs.
 
-Prints the median milliseconds per step of each and its ratio to ``plain``; the goal is at most
-1.02 for the scheduler with noise statistics. ``--json`` prints one JSON line.
+Prints the median milliseconds per step of each and its ratio to ``plain`` (and of
+``train_step+noise`` to ``halves``): one plus the median of the step-by-step differences over the
+median step, which cancels the load that both steps of a pair saw. The goal is at most 1.02 for
+the scheduler with noise statistics. ``--json`` prints one JSON line.
+
+Usage: ``python3 benchmarks/overhead.py [--steps 400] [--threads 2] [--json]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from adabatch import BatchSizeScheduler, schedules
 from adabatch.demo import build_model
 
 BATCH_SIZE = 256
+VARIANTS = ("plain", "plain again", "scheduler", "scheduler+noise", "train_step+noise", "halves")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def make_data(samples: int) -> TensorDataset:
+def make_batches(steps: int) -> list[Batch]:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(samples, 1, 40, generator=generator), torch.randint(0, 10, (samples,),
-                                                                                          generator=generator))
+    x = torch.randn(steps * BATCH_SIZE, 1, 40, generator=generator)
+    y = torch.randint(0, 10, (steps * BATCH_SIZE,), generator=generator)
+    return list(zip(x.split(BATCH_SIZE), y.split(BATCH_SIZE)))
 
 
-def timed_steps(variant: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Median seconds per optimizer step of ``variant`` over ``batches`` (after a short warm-up)."""
+def make_step(variant: str) -> Callable[[Batch], None]:
+    """One optimizer step of ``variant`` on a batch, on its own copy of the model."""
     torch.manual_seed(0)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loss_of: Callable = lambda batch: F.cross_entropy(model(batch[0]), batch[1])
-    scheduler = None
-    if variant != "plain":
-        schedule = schedules.Adaptive(start=BATCH_SIZE) if variant == "train_step+noise" else \
-            schedules.Constant(BATCH_SIZE)
-        scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=16, max_batch_size=BATCH_SIZE,
-                                       measure_noise=variant != "scheduler", memory=None)
-    warmup, durations = 5, []
-    for index, (x, y) in enumerate(batches):
-        begin = time.perf_counter()
-        if variant == "train_step+noise":
-            scheduler.train_step((x, y), loss_of)
-        else:
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    if variant == "train_step+noise":
+        scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=BATCH_SIZE), min_batch_size=16,
+                                       max_batch_size=BATCH_SIZE, memory=None)
+        return lambda batch: scheduler.train_step(batch, loss_of)
+
+    if variant == "halves":
+        def halves(batch: Batch) -> None:
             optimizer.zero_grad()
-            loss_of((x, y)).backward()
+            for x, y in zip(batch[0].chunk(2), batch[1].chunk(2)):
+                (loss_of((x, y)) * 0.5).backward()
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step(len(x))
-        if index >= warmup:
-            durations.append(time.perf_counter() - begin)
-    return statistics.median(durations)
+        return halves
+
+    scheduler = None
+    if variant not in ("plain", "plain again"):
+        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(BATCH_SIZE), min_batch_size=16,
+                                       max_batch_size=BATCH_SIZE, measure_noise=variant == "scheduler+noise",
+                                       memory=None)
+
+    def plain(batch: Batch) -> None:
+        optimizer.zero_grad()
+        loss_of(batch).backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step(len(batch[0]))
+    return plain
+
+
+def measure(steps: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Seconds per step of each variant, taking turns step by step in a random order."""
+    batches = make_batches(steps + warmup)
+    step_of = {variant: make_step(variant) for variant in VARIANTS}
+    durations: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    order, shuffle = list(VARIANTS), random.Random(0).shuffle
+    for index, batch in enumerate(batches):
+        shuffle(order)
+        for variant in order:
+            begin = time.perf_counter()
+            step_of[variant](batch)
+            if index >= warmup:
+                durations[variant].append(time.perf_counter() - begin)
+    return durations
+
+
+def paired_ratio(durations: list[float], baseline: list[float]) -> float:
+    """1 + the median step-by-step difference over the baseline's median step."""
+    return 1 + statistics.median(a - b for a, b in zip(durations, baseline)) / statistics.median(baseline)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = make_data(BATCH_SIZE * (args.steps + 5))
-    x, y = data.tensors
-    batches = list(zip(x.split(BATCH_SIZE), y.split(BATCH_SIZE)))
-    variants = ["plain", "scheduler", "scheduler+noise", "train_step+noise"]
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        for variant in variants:
-            times[variant].append(timed_steps(variant, batches))
-    medians = {v: statistics.median(t) for v, t in times.items()}
-    print(f"MNIST-1D CNN, batch {BATCH_SIZE}, {args.threads} threads, median of {args.repeats} x {args.steps} steps")
-    for variant in variants:
-        print(f"  {variant:18s} {medians[variant] * 1e3:7.2f} ms/step   x{medians[variant] / medians['plain']:.3f}")
+    durations = measure(args.steps)
+    medians = {variant: statistics.median(d) for variant, d in durations.items()}
+    ratios = {variant: paired_ratio(durations[variant], durations["plain"]) for variant in VARIANTS[1:]}
+    ratios["train_step+noise/halves"] = paired_ratio(durations["train_step+noise"], durations["halves"])
+    print(f"MNIST-1D CNN, batch {BATCH_SIZE}, {args.threads} threads, median of {args.steps} steps each, interleaved")
+    for variant in VARIANTS:
+        ratio = "" if variant == "plain" else f"   x{ratios[variant]:.3f}"
+        print(f"  {variant:18s} {medians[variant] * 1e3:7.2f} ms/step{ratio}")
+    print(f"  train_step+noise against the same halves by hand: x{ratios['train_step+noise/halves']:.3f}")
     if args.json:
-        print(json.dumps({"batch_size": BATCH_SIZE, **{f"{v}_ms": medians[v] * 1e3 for v in variants},
-                          **{f"{v}_ratio": medians[v] / medians["plain"] for v in variants[1:]}}))
+        print(json.dumps({"batch_size": BATCH_SIZE, "threads": args.threads,
+                          **{f"{v}_ms": medians[v] * 1e3 for v in VARIANTS},
+                          **{f"{v}_ratio": r for v, r in ratios.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""The benchmark scripts run and report what their docstrings say (their numbers are measured
+by running them in full, not here: timings on a shared machine are not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+
+
+def test_overhead_reports_every_variant_and_the_control():
+    completed = run_script("benchmarks/overhead.py", "--steps", "4", "--threads", "1", "--json")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+    variants = ["plain again", "scheduler", "scheduler+noise", "train_step+noise", "halves"]
+    assert set(result) == {"batch_size", "threads", "plain_ms", *(f"{v}_ms" for v in variants),
+                           *(f"{v}_ratio" for v in variants), "train_step+noise/halves_ratio"}
+    assert result["batch_size"] == 256 and result["threads"] == 1
+    assert all(result[f"{v}_ms"] > 0 for v in ["plain", *variants])
+
+
+def test_overhead_pairs_the_steps_of_every_variant():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert overhead.paired_ratio([3.0, 5.0, 4.0], [2.0, 4.0, 2.0]) == pytest.approx(1 + 1 / 2)
+    durations = overhead.measure(steps=2, warmup=1)
+    assert {variant: len(d) for variant, d in durations.items()} == {variant: 2 for variant in overhead.VARIANTS}
