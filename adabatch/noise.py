@@ -274,7 +274,8 @@ class GradientNoiseMeter:
         with torch.no_grad():
             flat = torch.cat([g.reshape(-1) for g in grads]).double()
             if not measure or previous is None or previous[0].numel() != flat.numel():
-                self._previous = (flat, batch_size, float(flat.dot(flat)))
+                if keep:
+                    self._previous = (flat, batch_size, float(flat.dot(flat)))
                 return False
             previous_flat, previous_size, previous_sqr = previous
             grad_sqr, mixed = torch.stack([flat.dot(flat), flat.dot(previous_flat)]).tolist()

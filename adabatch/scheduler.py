@@ -177,7 +177,7 @@ class BatchSizeScheduler:
         noise_meter = GradientNoiseMeter(optimizer, noise_decay)  # validates noise_decay either way
         self.noise_interval = check_positive_int("noise_interval", noise_interval)
         self.noise_meter = noise_meter if measure_noise else None
-        self._noise_reported = False  # train_step measured this step's pair already
+        self._noise_reported = False  # train_step has seen to this step's measurement (taken, or not due)
         if isinstance(collective, str) and collective != "auto":
             raise ValueError(f"collective must be a Collective, 'auto' or None, got {collective!r}")
         self._collective_auto = collective == "auto"

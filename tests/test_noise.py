@@ -448,7 +448,7 @@ def test_a_parameter_without_gradients_does_not_turn_off_preconditioning():
 
 # ------------------------------------------------------------------ one measurement per noise_interval samples
 @pytest.mark.parametrize("loop", ["train_step", "plain"])
-@pytest.mark.parametrize("batch_size, noise_interval", [(8, 32), (8, 20), (16, 16), (32, 16)])
+@pytest.mark.parametrize("batch_size, noise_interval", [(8, 32), (8, 20), (16, 16), (32, 16), (12, 16)])
 def test_noise_is_measured_on_the_steps_that_reach_a_multiple_of_noise_interval(loop, batch_size, noise_interval):
     dataset, solution = least_squares_data()
     model = least_squares_model(solution)
@@ -476,6 +476,20 @@ def test_noise_is_measured_on_the_steps_that_reach_a_multiple_of_noise_interval(
         assert measured == [d and step > 1 for step, d in enumerate(due, start=1)]
         assert kept == due[1:] + [(17 * batch_size) // noise_interval > (16 * batch_size) // noise_interval]
         assert passes == [1] * 16
+
+
+def test_the_plain_loop_keeps_a_gradient_copy_only_when_asked():
+    parameter = nn.Parameter(torch.zeros(3))
+    meter = GradientNoiseMeter(torch.optim.SGD([parameter], lr=0.1))
+    parameter.grad = torch.ones(3)
+    assert not meter.from_consecutive_steps(4, measure=True, keep=False)  # nothing to pair with
+    assert meter._previous is None
+    assert not meter.from_consecutive_steps(4, measure=False, keep=True)
+    assert meter._previous is not None
+    parameter.grad = torch.full((3,), 2.0)
+    assert meter.from_consecutive_steps(4, measure=True, keep=False)
+    assert meter._previous is None
+    assert not meter.from_consecutive_steps(4, measure=True, keep=True), "the copy was not kept"
 
 
 def test_noise_interval_must_be_a_positive_integer():
