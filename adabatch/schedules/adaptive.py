@@ -51,9 +51,9 @@ class Adaptive(Schedule):
       rate follows AdaScale's gain (``lr_scaling="gain"``, Johnson et al. 2020; its square root
       for Adam-family optimizers), as AdaptDL pairs its batch sizes with it. At a constant
       learning rate a larger batch anneals the gradient noise as a learning-rate decay would,
-      and growth on the noise scale's cue comes early: on MNIST-1D, ``Adaptive()`` at a
-      constant learning rate reached the largest batch by epoch 4 and ended 0.4 points below
-      batch 32 (``benchmarks/time_to_accuracy.py``). With the gain, each sample moves training
+      and growth on the noise scale's cue comes early: on MNIST-1D, this controller (with
+      exponent 0.5) at a constant learning rate reached the largest batch by epoch 4 and ended
+      0.4 points below batch 32 (``benchmarks/time_to_accuracy.py``). With the gain, each sample moves training
       as far as at the starting size, and the batch size changes the throughput, not the
       optimization.
 
