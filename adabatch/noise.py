@@ -206,7 +206,10 @@ class GradientNoiseMeter:
         self.optimizer = optimizer
         self.noise = NoiseScale(decay)
         self._small: tuple[float, int] | None = None
-        self._previous: tuple[torch.Tensor, int, float] | None = None  # flat gradient, batch size, squared norm
+        self._previous: tuple[int, int] | None = None  # the kept gradient's row in the buffer, its batch size
+        self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
+        self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
+        self._shapes: list[torch.Size] | None = None
 
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -273,19 +276,41 @@ class GradientNoiseMeter:
         grads = self._preconditioned()
         if not grads:
             return False
-        # One flat copy, in double precision; the combined mean's squared norm follows from the
-        # two squared norms (the previous one kept from its own step) and one dot product.
+        shapes = [g.shape for g in grads]
+        if shapes != self._shapes:
+            self._allocate(grads, shapes)
+            previous = None  # kept for other parameters: no pair
+        # The two steps' gradients take turns in the rows of one flat double-precision buffer:
+        # a step's gradient is one copy into its row, and a pair's three products
+        # (|g|², |g_previous|², g·g_previous) are one Gram product. Each tensor operation here
+        # costs more than its arithmetic, so there are few of them.
+        row = 0 if previous is None else 1 - previous[0]
         with torch.no_grad():
-            flat = torch.cat([g.reshape(-1) for g in grads]).double()
-            if not measure or previous is None or previous[0].numel() != flat.numel():
-                if keep:
-                    self._previous = (flat, batch_size, float(flat.dot(flat)))
+            _copy(self._rows[row], grads)
+            if keep:
+                self._previous = (row, batch_size)
+            if not measure or previous is None:
                 return False
-            previous_flat, previous_size, previous_sqr = previous
-            grad_sqr, mixed = torch.stack([flat.dot(flat), flat.dot(previous_flat)]).tolist()
-        if keep:
-            self._previous = (flat, batch_size, grad_sqr)
+            gram = (self._buffer @ self._buffer.T).tolist()
+        previous_size = previous[1]
+        grad_sqr, previous_sqr, mixed = gram[row][row], gram[1 - row][1 - row], gram[0][1]
         both = batch_size + previous_size
         share, previous_share = batch_size / both, previous_size / both
         mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
         return self.noise.update(grad_sqr, batch_size, mean_sqr, both)
+
+    def _allocate(self, grads: list[torch.Tensor], shapes: list[torch.Size]) -> None:
+        numels = [g.numel() for g in grads]
+        self._buffer = torch.zeros(2, sum(numels), dtype=torch.float64, device=grads[0].device)
+        self._rows = [[chunk.view(shape) for chunk, shape in zip(row.split(numels), shapes)] for row in self._buffer]
+        self._shapes = shapes
+
+
+def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``destination.copy_(source)`` for each pair, in one call where this PyTorch has it."""
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(destinations, sources)
+    else:
+        for destination, source in zip(destinations, sources):
+            destination.copy_(source)

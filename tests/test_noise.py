@@ -492,6 +492,35 @@ def test_the_plain_loop_keeps_a_gradient_copy_only_when_asked():
     assert not meter.from_consecutive_steps(4, measure=True, keep=True), "the copy was not kept"
 
 
+@pytest.mark.parametrize("foreach_copy", [True, False], ids=["foreach_copy", "older_torch"])
+def test_the_plain_loop_pairs_each_step_with_the_one_kept_before_it(foreach_copy, monkeypatch):
+    """Exact values, through steps that are both measured and kept (each gradient serves two
+    pairs) and a change of the parameters that have gradients (no pair across it)."""
+    if not foreach_copy:
+        monkeypatch.delattr(torch, "_foreach_copy_")
+    first, second = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(3))
+    meter = GradientNoiseMeter(torch.optim.SGD([first, second], lr=0.1))
+    generator = torch.Generator().manual_seed(0)
+    steps = [(4, True), (12, True), (8, True), (8, False), (4, True)]  # (batch size, second has a gradient)
+    previous = None
+    for batch_size, both in steps:
+        first.grad = torch.randn(2, 2, generator=generator)
+        second.grad = torch.randn(3, generator=generator) if both else None
+        flat = torch.cat([first.grad.reshape(-1)] + ([second.grad] if both else [])).double()
+        counted = meter.from_consecutive_steps(batch_size, measure=True, keep=True)
+        if previous is None or previous[0].numel() != flat.numel():
+            assert not counted
+        else:
+            assert counted
+            previous_flat, previous_size = previous
+            mean = (batch_size * flat + previous_size * previous_flat) / (batch_size + previous_size)
+            expected = two_batch_estimates(float(flat @ flat), batch_size, float(mean @ mean),
+                                           batch_size + previous_size)
+            assert (meter.noise.last_grad_sqr, meter.noise.last_grad_var) == pytest.approx(expected, rel=1e-9)
+        previous = (flat, batch_size)
+    assert meter.noise.steps == 2  # steps 2 and 3; steps 4 and 5 each follow a step with other parameters
+
+
 def test_noise_interval_must_be_a_positive_integer():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     for bad in (0, -512, 1.5, "512", None, True):
