@@ -29,9 +29,12 @@ Where the two batches come from:
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
 
-The scheduler measures one step per ``noise_interval`` samples (512 by default; every step once
-the batch is that large), the same steps on every rank and after a resume: on a small batch the
-split costs more than the step it measures (+69% at 32 on the MNIST-1D CNN on a CPU).
+The scheduler measures the steps that reach a multiple of ``noise_interval`` samples, the same
+steps on every rank and after a resume. A measurement costs about the same at any batch size
+(on a small batch the split costs more than the step it measures: +69% at 32 on the MNIST-1D
+CNN on a CPU), so by default one step per 512 samples is measured, and at most one step in four:
+the interval is ``max(512, 4 × batch size)``. Each measurement of a larger batch is the more
+precise (the noise in the estimate of ``|G|²`` falls as ``1/B``).
 
 For Adam-family optimizers the gradients are preconditioned first (divided elementwise by
 ``√v̂ + eps``, Adam's own second-moment estimate), which measures the noise in the update the
@@ -50,8 +53,11 @@ __all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "is_adam_fami
 #: Default decay of the moving averages of |G|² and tr(Σ).
 DEFAULT_EMA_DECAY = 0.95
 
-#: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``).
+#: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``)...
 DEFAULT_NOISE_INTERVAL = 512
+
+#: ...and by default at most one step in this many is measured.
+MIN_STEPS_PER_MEASUREMENT = 4
 
 
 class BiasCorrectedEMA:

@@ -16,7 +16,8 @@ from .loggers import TensorBoardLogger
 from .lr_scaling import LRFactorHook, LRScaling, resolve_lr_scaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device, is_out_of_memory
 from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
-from .noise import DEFAULT_EMA_DECAY, DEFAULT_NOISE_INTERVAL, GradientNoiseMeter, is_adam_family
+from .noise import (DEFAULT_EMA_DECAY, DEFAULT_NOISE_INTERVAL, MIN_STEPS_PER_MEASUREMENT, GradientNoiseMeter,
+                    is_adam_family)
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .schedules.base import check_positive_int
 
@@ -79,13 +80,14 @@ class BatchSizeScheduler:
         measure_noise (bool, optional): measure the gradient noise scale (see
             :mod:`adabatch.noise`). Default: when the schedule or ``lr_scaling="gain"`` needs it.
         noise_decay (float): decay of the noise statistics' moving averages. Default: 0.95.
-        noise_interval (int): samples (global) per noise measurement: the steps that reach a
-            multiple of it in the sample stream are measured, every step once the batch is
-            this large. A measurement on one process splits a batch that fits in one
-            micro-batch in two passes, which costs most where batches are small (on the
-            MNIST-1D CNN on a CPU, +69% on a step of 32 and nothing at 256); one per 512
-            samples averages the same number of samples per measurement at any batch size.
-            Default: 512.
+        noise_interval (int, optional): samples (global) per noise measurement: the steps that
+            reach a multiple of it in the sample stream are measured (every step once the batch
+            is this large). A measurement costs about the same at any batch size: on one
+            process it splits a batch that fits in one micro-batch in two passes (on the
+            MNIST-1D CNN on a CPU, +69% on a step of 32, nothing at 256); in the plain loop it
+            copies the gradients. The default measures one step per 512 samples (as many
+            samples per measurement at any size) and, once batches pass 128, one step in four.
+            Default: ``max(512, 4 × the global batch size)``.
         collective (Collective or str, optional): how ranks agree under torch.distributed
             (see :mod:`adabatch.distributed`): memory caps are reduced by MIN, out-of-memory
             flags by MAX, noise statistics summed, so every rank takes the same decisions.
@@ -141,7 +143,7 @@ class BatchSizeScheduler:
         accumulate: bool = False,
         measure_noise: bool | None = None,
         noise_decay: float = DEFAULT_EMA_DECAY,
-        noise_interval: int = DEFAULT_NOISE_INTERVAL,
+        noise_interval: int | None = None,
         collective: Collective | str | None = "auto",
         sync_batch_norm: bool = False,
     ) -> None:
@@ -175,7 +177,7 @@ class BatchSizeScheduler:
         if measure_noise is None:
             measure_noise = getattr(self.schedule, "needs_noise", False) or lr_scaling == "gain"
         noise_meter = GradientNoiseMeter(optimizer, noise_decay)  # validates noise_decay either way
-        self.noise_interval = check_positive_int("noise_interval", noise_interval)
+        self.noise_interval = None if noise_interval is None else check_positive_int("noise_interval", noise_interval)
         self.noise_meter = noise_meter if measure_noise else None
         self._noise_reported = False  # train_step has seen to this step's measurement (taken, or not due)
         if isinstance(collective, str) and collective != "auto":
@@ -615,8 +617,10 @@ class BatchSizeScheduler:
 
     def _noise_due(self, start: int, consumed: int) -> bool:
         """Whether the step over the stream's samples ``[start, start + consumed)`` is measured:
-        whether it reaches a multiple of ``noise_interval``."""
-        return (start + consumed) // self.noise_interval > start // self.noise_interval
+        whether it reaches a multiple of ``noise_interval`` (by default, of
+        ``max(512, 4 × consumed)``)."""
+        interval = self.noise_interval or max(DEFAULT_NOISE_INTERVAL, MIN_STEPS_PER_MEASUREMENT * consumed)
+        return (start + consumed) // interval > start // interval
 
     def _parameters_changed(self) -> bool:
         before = self._versions_before_update
