@@ -194,7 +194,9 @@ class BatchSizeScheduler:
         self._warmup_begin = 0
         self._warned_mismatch = False
         self._plan: dict[int, tuple[int, int, int]] = {}  # position -> (start, size, target) drawn there
-        self._hook = LRFactorHook(optimizer, lambda: self.lr_factor)
+        self._reference: tuple[tuple[int | None, int], int] | None = None  # cached: (bound to, size)
+        self._hooked: tuple[int, tuple[int, int, int]] | None = None  # (position, planned) the hook scaled for
+        self._hook = LRFactorHook(optimizer, self._hook_factor)
 
     # ----------------------------------------------------------------- binding
     @property
@@ -303,15 +305,29 @@ class BatchSizeScheduler:
             return self._reference_batch_size
         # The schedule's start under the static bounds: a memory cap that falls below it later,
         # or an adaptive schedule's later decisions, must not move the reference (and with it
-        # every learning rate).
-        start = Progress(samples=0, dataset_size=self.dataset_size)
-        initial_size = getattr(self.schedule, "initial_size", self.schedule)
-        return self.constraints.apply(initial_size(start), memory=False)
+        # every learning rate). It depends on nothing else a bind can change, so it is computed
+        # once per binding.
+        bound_to = (self.dataset_size, self.num_replicas)
+        if self._reference is None or self._reference[0] != bound_to:
+            start = Progress(samples=0, dataset_size=self.dataset_size)
+            initial_size = getattr(self.schedule, "initial_size", self.schedule)
+            self._reference = (bound_to, self.constraints.apply(initial_size(start), memory=False))
+        return self._reference[1]
 
     @property
     def lr_factor(self) -> float:
         """The factor the coming optimizer step multiplies every learning rate by."""
-        factor = self._factor_for(self._planned(self._position)[2])
+        return self._lr_factor_for(self._planned(self._position))
+
+    def _hook_factor(self) -> float:
+        """:attr:`lr_factor`, remembering the batch it was computed for, which :meth:`step`
+        then counts without deciding it again."""
+        planned = self._planned(self._position)
+        self._hooked = (self._position, planned)
+        return self._lr_factor_for(planned)
+
+    def _lr_factor_for(self, planned: tuple[int, int, int]) -> float:
+        factor = self._factor_for(planned[2])
         if self._warmup_from is None or not self.warmup_steps:
             return factor
         progress = (self._steps - self._warmup_begin + 1) / self.warmup_steps
@@ -399,7 +415,11 @@ class BatchSizeScheduler:
                 ``len(x)``; under ``num_replicas > 1`` the global count is ``batch_size *
                 num_replicas``. Default: the size the sampler planned for this step.
         """
-        start, planned, target = self._planned(self._position)
+        hooked, self._hooked = self._hooked, None
+        if hooked is not None and hooked[0] == self._position:
+            start, planned, target = hooked[1]
+        else:
+            start, planned, target = self._planned(self._position)
         if batch_size is None:
             consumed = planned
         else:
@@ -543,6 +563,7 @@ class BatchSizeScheduler:
                 break
             # Outside the except clause: the error's traceback no longer pins the attempt's tensors.
             self.optimizer.zero_grad(set_to_none=True)
+            self._hooked = None  # the retry decides under the lowered cap
             if scaler is not None:
                 reset_grad_scaler_step(scaler, self.optimizer)
             lowered = self.memory.out_of_memory(failed, self.constraints.floor_per_replica)
@@ -715,6 +736,7 @@ class BatchSizeScheduler:
         self._warmup_begin = state_dict[self._WARMUP_BEGIN]
         self._plan = {int(p): (int(start), int(size), int(target)) for p, start, size, target in
                       state_dict.get(self._PLAN, [])}
+        self._hooked = None
         if state_dict.get(self._NOISE) is not None and self.noise_meter is not None:
             self.noise_meter.noise.load_state_dict(state_dict[self._NOISE])
         if state_dict.get(self._SCHEDULE) is not None and hasattr(self.schedule, "load_state_dict"):

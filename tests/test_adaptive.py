@@ -325,6 +325,16 @@ def test_lr_scaling_is_relative_to_the_adaptive_start(lr_scaling, factor):
     assert scheduler.lr_factor == factor
 
 
+def test_the_reference_follows_the_dataset_a_sampler_binds_later():
+    """The default start, and with it the learning rate's reference, depend on the dataset size:
+    a reference computed before the sampler bound the dataset is not kept after."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(), lr_scaling="linear", max_batch_size=1024)
+    assert scheduler.reference_batch_size == 32 and scheduler.lr_factor == 1.0
+    AdaptiveBatchSampler(range(200_000), scheduler)
+    assert scheduler.reference_batch_size == 128 and scheduler.lr_factor == 1.0
+
+
 @pytest.mark.filterwarnings("error:scheduler.step\\(\\) was told")
 def test_monotone_holds_while_prefetched_batches_are_trained():
     scheduler, sampler = scheduler_on(1000, adaptive(start=8))
