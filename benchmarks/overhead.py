@@ -11,21 +11,27 @@ that a shared machine's changing load falls on all of them alike:
 * ``plain again``: the same, a second time: the control, whose ratio shows the noise floor.
 * ``scheduler``: the same with a ``BatchSizeScheduler`` wrapping the optimizer and
   ``scheduler.step(len(x))`` after each step.
-* ``scheduler+noise``: the same with the noise scale measured (the plain loop's fallback: two
-  squared norms and one copy of the gradients per step).
+* ``scheduler+noise``: the same with the noise scale measured by the plain loop's fallback. By
+  default one step in four is measured at this batch size (``max(512, 4 × 256)`` samples per
+  measurement): the step before it copies its gradients, the measured step copies its own and
+  takes one Gram product of the two.
+* ``plain, zeroed after``: the plain loop with ``optimizer.zero_grad()`` after
+  ``optimizer.step()`` instead of before the forward pass, as ``train_step`` does. In a loop
+  that trains one model this is the same sequence; here, where other models train between two
+  of its steps, freeing the gradients early costs time of its own (about 0.5 ms per step on
+  this machine), which is what ``train_step`` is compared with.
 * ``train_step``: ``scheduler.train_step`` with ``schedules.Constant``, no noise statistics.
 * ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` (and its default
-  AdaScale gain) at batch 256. One step in two (``noise_interval=512``) is measured: the batch
-  fits in one micro-batch, so that step trains it as two halves of 128, the first of which is
-  the estimator's small batch.
+  AdaScale gain) at batch 256. One step in four is measured: the batch fits in one micro-batch,
+  so that step trains it as two halves of 128, the first of which is the estimator's small batch.
 * ``halves``: two halves by hand at every step, without adabatch: what the split itself costs
   on this machine.
 
 Prints the median milliseconds per step of each and its ratio to ``plain`` (and of
-``train_step+noise`` to ``train_step``: what the noise statistics add to it): one plus the
-median of the step-by-step differences over the median step, which cancels the load that both
-steps of a pair saw. The goal is at most 1.02 for the scheduler with noise statistics.
-``--json`` prints one JSON line.
+``train_step`` to ``plain, zeroed after`` and of ``train_step+noise`` to ``train_step``): one
+plus the median of the step-by-step differences over the median step, which cancels the load
+that both steps of a pair saw. The goal is at most 1.02 for the scheduler with noise
+statistics. ``--json`` prints one JSON line.
 
 Usage: ``python3 benchmarks/overhead.py [--steps 400] [--threads 2] [--json]``
 """
@@ -46,7 +52,8 @@ from adabatch import BatchSizeScheduler, schedules
 from adabatch.demo import build_model
 
 BATCH_SIZE = 256
-VARIANTS = ("plain", "plain again", "scheduler", "scheduler+noise", "train_step", "train_step+noise", "halves")
+VARIANTS = ("plain", "plain again", "scheduler", "scheduler+noise", "plain, zeroed after", "train_step",
+            "train_step+noise", "halves")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,6 +87,13 @@ def make_step(variant: str) -> Callable[[Batch], None]:
                 (loss_of((x, y)) * 0.5).backward()
             optimizer.step()
         return halves
+
+    if variant == "plain, zeroed after":
+        def zeroed_after(batch: Batch) -> None:
+            loss_of(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return zeroed_after
 
     scheduler = None
     if variant not in ("plain", "plain again"):
@@ -127,11 +141,13 @@ def main() -> None:
     durations = measure(args.steps)
     medians = {variant: statistics.median(d) for variant, d in durations.items()}
     ratios = {variant: paired_ratio(durations[variant], durations["plain"]) for variant in VARIANTS[1:]}
+    ratios["train_step/plain, zeroed after"] = paired_ratio(durations["train_step"], durations["plain, zeroed after"])
     ratios["train_step+noise/train_step"] = paired_ratio(durations["train_step+noise"], durations["train_step"])
     print(f"MNIST-1D CNN, batch {BATCH_SIZE}, {args.threads} threads, median of {args.steps} steps each, interleaved")
     for variant in VARIANTS:
         ratio = "" if variant == "plain" else f"   x{ratios[variant]:.3f}"
-        print(f"  {variant:18s} {medians[variant] * 1e3:7.2f} ms/step{ratio}")
+        print(f"  {variant:20s} {medians[variant] * 1e3:7.2f} ms/step{ratio}")
+    print(f"  train_step against plain, zeroed after: x{ratios['train_step/plain, zeroed after']:.3f}")
     print(f"  train_step+noise against train_step: x{ratios['train_step+noise/train_step']:.3f}")
     if args.json:
         print(json.dumps({"batch_size": BATCH_SIZE, "threads": args.threads,

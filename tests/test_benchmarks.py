@@ -21,9 +21,11 @@ def test_overhead_reports_every_variant_and_the_control():
     completed = run_script("benchmarks/overhead.py", "--steps", "4", "--threads", "1", "--json")
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout.splitlines()[-1])
-    variants = ["plain again", "scheduler", "scheduler+noise", "train_step", "train_step+noise", "halves"]
+    variants = ["plain again", "scheduler", "scheduler+noise", "plain, zeroed after", "train_step", "train_step+noise",
+                "halves"]
     assert set(result) == {"batch_size", "threads", "plain_ms", *(f"{v}_ms" for v in variants),
-                           *(f"{v}_ratio" for v in variants), "train_step+noise/train_step_ratio"}
+                           *(f"{v}_ratio" for v in variants), "train_step/plain, zeroed after_ratio",
+                           "train_step+noise/train_step_ratio"}
     assert result["batch_size"] == 256 and result["threads"] == 1
     assert all(result[f"{v}_ms"] > 0 for v in ["plain", *variants])
 
