@@ -86,8 +86,8 @@ class BatchSizeScheduler:
             process it splits a batch that fits in one micro-batch in two passes (on the
             MNIST-1D CNN on a CPU, +69% on a step of 32, nothing at 256); in the plain loop it
             copies the gradients. The default measures one step per 512 samples (as many
-            samples per measurement at any size) and, once batches pass 128, one step in four.
-            Default: ``max(512, 4 × the global batch size)``.
+            samples per measurement at any size) and, once batches pass 64, one step in eight.
+            Default: ``max(512, 8 × the global batch size)``.
         collective (Collective or str, optional): how ranks agree under torch.distributed
             (see :mod:`adabatch.distributed`): memory caps are reduced by MIN, out-of-memory
             flags by MAX, noise statistics summed, so every rank takes the same decisions.
@@ -639,7 +639,7 @@ class BatchSizeScheduler:
     def _noise_due(self, start: int, consumed: int) -> bool:
         """Whether the step over the stream's samples ``[start, start + consumed)`` is measured:
         whether it reaches a multiple of ``noise_interval`` (by default, of
-        ``max(512, 4 × consumed)``)."""
+        ``max(512, 8 × consumed)``)."""
         interval = self.noise_interval or max(DEFAULT_NOISE_INTERVAL, MIN_STEPS_PER_MEASUREMENT * consumed)
         return (start + consumed) // interval > start // interval
 

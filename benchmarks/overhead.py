@@ -12,7 +12,7 @@ that a shared machine's changing load falls on all of them alike:
 * ``scheduler``: the same with a ``BatchSizeScheduler`` wrapping the optimizer and
   ``scheduler.step(len(x))`` after each step.
 * ``scheduler+noise``: the same with the noise scale measured by the plain loop's fallback. By
-  default one step in four is measured at this batch size (``max(512, 4 × 256)`` samples per
+  default one step in eight is measured at this batch size (``max(512, 8 × 256)`` samples per
   measurement): the step before it copies its gradients, the measured step copies its own and
   takes one Gram product of the two.
 * ``plain, zeroed after``: the plain loop with ``optimizer.zero_grad()`` after
@@ -22,7 +22,7 @@ that a shared machine's changing load falls on all of them alike:
   this machine), which is what ``train_step`` is compared with.
 * ``train_step``: ``scheduler.train_step`` with ``schedules.Constant``, no noise statistics.
 * ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` (and its default
-  AdaScale gain) at batch 256. One step in four is measured: the batch fits in one micro-batch,
+  AdaScale gain) at batch 256. One step in eight is measured: the batch fits in one micro-batch,
   so that step trains it as two halves of 128, the first of which is the estimator's small batch.
 * ``halves``: two halves by hand at every step, without adabatch: what the split itself costs
   on this machine.

@@ -450,7 +450,7 @@ def test_a_parameter_without_gradients_does_not_turn_off_preconditioning():
 @pytest.mark.parametrize("loop", ["train_step", "plain"])
 @pytest.mark.parametrize(
     "batch_size, noise_interval",
-    # By default max(512, 4 × batch size): one step per 512 samples, at most one step in four.
+    # By default max(512, 8 × batch size): one step per 512 samples, at most one step in eight.
     [(8, 32), (8, 20), (16, 16), (32, 16), (12, 16), (64, None), (96, None), (200, None)],
 )
 def test_noise_is_measured_on_the_steps_that_reach_a_multiple_of_noise_interval(loop, batch_size, noise_interval):
@@ -469,7 +469,7 @@ def test_noise_is_measured_on_the_steps_that_reach_a_multiple_of_noise_interval(
         measured.append(scheduler.noise_meter.noise.steps > counted_before)
         passes.append(backward_passes[0] - passes_before)
         kept.append(scheduler.noise_meter._previous is not None)
-    interval = noise_interval or max(512, 4 * batch_size)
+    interval = noise_interval or max(512, 8 * batch_size)
     due = [(step * batch_size) // interval > ((step - 1) * batch_size) // interval for step in range(1, 17)]
     assert any(due), "the case measures some steps"
     if loop == "train_step":

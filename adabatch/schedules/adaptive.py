@@ -40,9 +40,9 @@ class Adaptive(Schedule):
       test of Byrd et al. (2012) and Bollapragada et al. (2018), which asks that the variance
       of the mini-batch gradient be at most ``θ²`` times its squared norm.
     * **Decisions** are taken every ``interval`` optimizer steps, once ``warmup`` measurements
-      have been averaged (the scheduler measures one step per ``noise_interval`` samples, 512
-      by default: 50 measurements are 25,600 samples), and only when the target differs from
-      the current size by more than ``hysteresis`` (AdaptDL uses 5%).
+      have been averaged (by default the scheduler measures one step per 512 samples while
+      batches are at most 64: 50 measurements are 25,600 samples), and only when the target
+      differs from the current size by more than ``hysteresis`` (AdaptDL uses 5%).
     * **Bounds.** Monotone by default (never shrinks); grows by at most ``growth_per_epoch``
       per epoch (AdaBatch doubles; without a dataset size the whole run counts as one epoch);
       rounded, floored and capped by the scheduler's constraints (``min_batch_size``,
