@@ -33,7 +33,7 @@ plus the median of the step-by-step differences over the median step, which canc
 that both steps of a pair saw. The goal is at most 1.02 for the scheduler with noise
 statistics. ``--json`` prints one JSON line.
 
-Usage: ``python3 benchmarks/overhead.py [--steps 400] [--threads 2] [--json]``
+Usage: ``python3 benchmarks/overhead.py [--steps 1000] [--threads 2] [--json]``
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def paired_ratio(durations: list[float], baseline: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=400, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=1000, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
