@@ -18,8 +18,8 @@ that a shared machine's changing load falls on all of them alike:
 * ``plain, zeroed after``: the plain loop with ``optimizer.zero_grad()`` after
   ``optimizer.step()`` instead of before the forward pass, as ``train_step`` does. In a loop
   that trains one model this is the same sequence; here, where other models train between two
-  of its steps, freeing the gradients early costs time of its own (about 0.5 ms per step on
-  this machine), which is what ``train_step`` is compared with.
+  of its steps, freeing the gradients early costs time of its own (up to about 5% of a step on
+  this machine), so ``train_step`` is compared with this loop.
 * ``train_step``: ``scheduler.train_step`` with ``schedules.Constant``, no noise statistics.
 * ``train_step+noise``: ``scheduler.train_step`` with ``schedules.Adaptive`` (and its default
   AdaScale gain) at batch 256. One step in eight is measured: the batch fits in one micro-batch,
