@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from .base import Progress, Schedule, check_positive_int, check_positive_number
 
@@ -120,6 +120,7 @@ class Adaptive(Schedule):
         self._steps = 0
 
     def initial_size(self, progress: Progress) -> float:
+        """``start``, or the default for the dataset's size: the size before the first decision."""
         return float(self.start if self.start is not None else default_start_batch_size(progress.dataset_size))
 
     def batch_size_at(self, progress: Progress) -> float:
@@ -163,9 +164,12 @@ class Adaptive(Schedule):
             self._size = target
 
     def state_dict(self) -> dict[str, Any]:
+        """A new dict of the controller's decision and the bounds it keeps (the epoch of the last
+        decision, the size that epoch began at, the steps observed)."""
         return {"size": self._size, "epoch": self._epoch, "epoch_base": self._epoch_base, "steps": self._steps}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self._size = state_dict["size"]
         self._epoch = int(state_dict["epoch"])
         self._epoch_base = float(state_dict["epoch_base"])

@@ -12,7 +12,7 @@ import abc
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int", "check_unit"]
 
@@ -61,6 +61,11 @@ class Schedule(abc.ABC):
     Subclasses implement :meth:`batch_size_at`; the result may be fractional, and is rounded
     and bounded by :class:`~adabatch.constraints.BatchSizeConstraints`, never here.
 
+    A scheduler calls the rest of the interface on every schedule, and the defaults here are a
+    timetable's: it needs no measurement of the gradient noise (:attr:`needs_noise`), ignores the
+    signals (:meth:`observe`), starts at its own size (:meth:`initial_size`) and has nothing to
+    checkpoint (:meth:`state_dict`, :meth:`load_state_dict`). An adaptive schedule overrides them.
+
     :attr:`default_lr_scaling` is the learning-rate rule a
     :class:`~adabatch.BatchSizeScheduler` uses with this schedule when its ``lr_scaling`` is
     not given: ``"none"`` for timetables (growing the batch anneals the gradient noise, as
@@ -69,6 +74,8 @@ class Schedule(abc.ABC):
 
     #: The ``lr_scaling`` a scheduler uses with this schedule by default.
     default_lr_scaling = "none"
+    #: Whether the scheduler must measure the gradient noise scale for :meth:`observe`.
+    needs_noise: bool = False
 
     @abc.abstractmethod
     def batch_size_at(self, progress: Progress) -> float:
@@ -76,6 +83,31 @@ class Schedule(abc.ABC):
 
     def __call__(self, progress: Progress) -> float:
         return self.batch_size_at(progress)
+
+    def initial_size(self, progress: Progress) -> float:
+        """The size asked for before training has fed the schedule any signal: the reference
+        for the learning-rate rules. A timetable's size at ``progress``."""
+        return self(progress)
+
+    def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
+                largest: float = math.inf) -> None:
+        """Take in the signals measured after an optimizer step. A timetable ignores them.
+
+        Args:
+            progress (Progress): where training stands.
+            noise_scale (float): the smoothed gradient noise scale ``B_simple``.
+            measured_steps (int): steps the noise statistics have averaged.
+            current (int): the batch size trained now, after the constraints.
+            largest (float): the largest batch size the constraints allow now. Default: unbounded.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """A new dict of what the schedule learned from the signals it observed, for the
+        scheduler's checkpoint: empty for a timetable, whose sizes follow from progress alone."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; a timetable has nothing to restore."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
