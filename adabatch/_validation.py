@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "check_bool",
+    "check_choice",
     "check_fraction",
     "check_integer",
+    "check_milestones",
     "check_non_negative_int",
+    "check_non_negative_number",
     "check_positive_int",
     "check_positive_number",
     "is_integer",
@@ -65,6 +69,13 @@ def check_positive_number(name: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def check_non_negative_number(name: str, value: object) -> float:
+    """Return ``value`` as a ``float`` if it is a non-negative finite real number, else raise a ``ValueError``."""
+    if not is_real(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_fraction(name: str, value: object, *, what: str = "in [0, 1)") -> float:
     """Return ``value`` as a ``float`` if it is a real number in ``[0, 1)``, else raise a ``ValueError``."""
     if not is_real(value) or not 0 <= value < 1:  # type: ignore[operator]
@@ -77,3 +88,24 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_milestones(milestones: Iterable[object]) -> list[float]:
+    """Return ``milestones`` as a list of floats if they are positive, finite and strictly
+    increasing, else raise a ``ValueError``."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+        raise ValueError(f"milestones must be a sequence of numbers, got {milestones!r}")
+    values = list(milestones)
+    for value in values:
+        check_positive_number("each milestone", value)
+    for earlier, later in zip(values, values[1:]):
+        if later <= earlier:  # type: ignore[operator]
+            raise ValueError(f"milestones must be strictly increasing, got {values!r}")
+    return [float(value) for value in values]  # type: ignore[arg-type]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .base import Progress, Schedule, check_positive_int, check_positive_number
+from .._validation import (
+    check_choice, check_fraction, check_non_negative_int, check_positive_int, check_positive_number,
+)
+from .base import Progress, Schedule
 
 __all__ = ["Adaptive", "default_start_batch_size"]
 
@@ -96,9 +99,7 @@ class Adaptive(Schedule):
         monotone: bool = True,
     ) -> None:
         self.start = None if start is None else check_positive_int("start", start)
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
-        self.signal = signal
+        self.signal = check_choice("signal", signal, SIGNALS)
         self.theta = check_positive_number("theta", theta)
         self.exponent = check_positive_number("exponent", exponent)
         if self.exponent > 1:
@@ -106,13 +107,9 @@ class Adaptive(Schedule):
         self.growth_per_epoch = check_positive_number("growth_per_epoch", growth_per_epoch)
         if self.growth_per_epoch < 1:
             raise ValueError(f"growth_per_epoch must be at least 1, got {growth_per_epoch!r}")
-        if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
-            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
-        self.hysteresis = float(hysteresis)
+        self.hysteresis = check_fraction("hysteresis", hysteresis)
         self.interval = check_positive_int("interval", interval)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-        self.warmup = warmup
+        self.warmup = check_non_negative_int("warmup", warmup)
         self.monotone = bool(monotone)
         self._size: float | None = None  # the current decision
         self._epoch = -1  # the epoch of the last decision

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-__all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int", "check_unit"]
+# Re-exported: adabatch.scheduler imports it from here.
+from .._validation import check_positive_int
+
+__all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int"]
 
 #: Units in which a schedule's milestones and lengths may be given.
 UNITS = ("epoch", "sample")
@@ -113,34 +115,3 @@ class Schedule(abc.ABC):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` as an int if it is a positive integer (NumPy's included), else raise a
-    ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_positive_number(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a positive finite real number, else raise a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def check_unit(unit: object) -> str:
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    return unit  # type: ignore[return-value]
-
-
-def check_milestones(milestones: Sequence[float]) -> list[float]:
-    """Milestones must be positive and strictly increasing."""
-    values = list(milestones)
-    for value in values:
-        check_positive_number("each milestone", value)
-    for earlier, later in zip(values, values[1:]):
-        if later <= earlier:
-            raise ValueError(f"milestones must be strictly increasing, got {values!r}")
-    return values

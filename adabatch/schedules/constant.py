@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Progress, Schedule, check_positive_int
+from .._validation import check_positive_int
+from .base import Progress, Schedule
 
 __all__ = ["Constant"]
 
