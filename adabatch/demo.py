@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import schedules
+from ._validation import check_integer
 from .constraints import bn_safe_min_batch_size
 from .sampler import AdaptiveBatchSampler
 from .scheduler import BatchSizeScheduler
@@ -100,10 +101,10 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # The config is frozen: each checked value replaces the given one through object.__setattr__.
         for name, lowest in (("epochs", 1), ("num_samples", 100), ("num_workers", 0), ("threads", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ValueError(f"{name} must be an integer of at least {lowest}, got {value!r}")
+            object.__setattr__(self, name, check_integer(name, getattr(self, name), lowest))
+        object.__setattr__(self, "seed", check_integer("seed", self.seed))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ._validation import check_positive_int
+
 __all__ = ["TensorBoardLogger", "STEP_PREFIX", "SAMPLES_PREFIX"]
 
 STEP_PREFIX = "adabatch"
@@ -30,10 +32,8 @@ class TensorBoardLogger:
     """
 
     def __init__(self, writer: Any, log_every: int = 1) -> None:
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
         self.writer = writer
-        self.log_every = log_every
+        self.log_every = check_positive_int("log_every", log_every)
         self._layout_written = False
         self._last_target: float | None = None
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchSampler, BatchSizeConstraints, BatchSizeScheduler, bn_safe_min_batch_size
-from adabatch.schedules import Constant, Geometric, Lambda, Linear, Step
+from adabatch.demo import DemoConfig
+from adabatch.layout import EpochLayout
+from adabatch.loggers import TensorBoardLogger
+from adabatch.probe_cli import ProbeConfig
+from adabatch.schedules import Adaptive, Constant, Geometric, Lambda, Linear, Step
 
 
 @pytest.fixture
@@ -412,3 +417,115 @@ def test_scheduler_state_dict_loaded_before_a_sampler_over_another_dataset(optim
     with pytest.raises(ValueError, match="the state_dict's dataset_size is 100, but the sampler's dataset has 99 samples"):
         AdaptiveBatchSampler(99, resumed)
     AdaptiveBatchSampler(100, resumed)
+
+
+# ------------------------------------------------- integers, accepted in one way everywhere
+class Writer:
+    """The two methods the TensorBoard logger writes with, and nothing else."""
+
+    def add_scalar(self, tag, value, step):
+        pass
+
+    def add_custom_scalars(self, layout):
+        pass
+
+
+def sampler_over(optimizer, data_source=100, **kwargs) -> AdaptiveBatchSampler:
+    return AdaptiveBatchSampler(data_source, make_scheduler(optimizer), **kwargs)
+
+
+def bound_constraints(dataset_size, num_replicas) -> BatchSizeConstraints:
+    constraints = BatchSizeConstraints()
+    constraints.bind(dataset_size, num_replicas)
+    return constraints
+
+
+def loaded_sampler(optimizer, epoch, position) -> AdaptiveBatchSampler:
+    sampler = sampler_over(optimizer)
+    sampler.load_state_dict(sampler.state_dict() | {"epoch": epoch, "position": position})
+    return sampler
+
+
+def epoch_set(optimizer, epoch) -> AdaptiveBatchSampler:
+    sampler = sampler_over(optimizer)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+# (what to build from an integer, where the integer is kept); NumPy's integers come from
+# arrays, data files and argument parsers as often as Python's do.
+INTEGER_PARAMETERS = {
+    "Constant.batch_size": (lambda n: Constant(n), lambda s: s.batch_size),
+    "Step.start": (lambda n: Step(start=n), lambda s: s.start),
+    "Linear.start": (lambda n: Linear(start=n, end=64, length=1), lambda s: s.start),
+    "Linear.end": (lambda n: Linear(start=1, end=n, length=1), lambda s: s.end),
+    "Geometric.start": (lambda n: Geometric(start=n), lambda s: s.start),
+    "Geometric.end": (lambda n: Geometric(start=1, end=n), lambda s: s.end),
+    "Adaptive.start": (lambda n: Adaptive(start=n), lambda s: s.start),
+    "Adaptive.interval": (lambda n: Adaptive(interval=n), lambda s: s.interval),
+    "Adaptive.warmup": (lambda n: Adaptive(warmup=n), lambda s: s.warmup),
+    "BatchSizeConstraints.min_batch_size": (lambda n: BatchSizeConstraints(min_batch_size=n),
+                                            lambda c: c.min_batch_size),
+    "BatchSizeConstraints.max_batch_size": (lambda n: BatchSizeConstraints(max_batch_size=n),
+                                            lambda c: c.max_batch_size),
+    "BatchSizeConstraints.multiple_of": (lambda n: BatchSizeConstraints(multiple_of=n), lambda c: c.multiple_of),
+    "BatchSizeConstraints.bind.dataset_size": (lambda n: bound_constraints(n * 10, 1), lambda c: c.dataset_size),
+    "BatchSizeConstraints.bind.num_replicas": (lambda n: bound_constraints(100, n), lambda c: c.num_replicas),
+    "BatchSizeConstraints.set_memory_cap": (lambda n: bound_constraints(100, 1), lambda c: c.memory_cap),
+    "bn_safe_min_batch_size.floor": (lambda n: bn_safe_min_batch_size(nn.BatchNorm1d(2), floor=n), lambda f: f),
+    "EpochLayout.dataset_size": (lambda n: EpochLayout(n * 10), lambda l: l.dataset_size),
+    "EpochLayout.num_replicas": (lambda n: EpochLayout(100, num_replicas=n), lambda l: l.num_replicas),
+    "EpochLayout.min_batch_size": (lambda n: EpochLayout(100, min_batch_size=n), lambda l: l.min_batch_size),
+    "TensorBoardLogger.log_every": (lambda n: TensorBoardLogger(Writer(), log_every=n), lambda l: l.log_every),
+    "DemoConfig.epochs": (lambda n: DemoConfig(epochs=n), lambda c: c.epochs),
+    "DemoConfig.num_samples": (lambda n: DemoConfig(num_samples=n * 100), lambda c: c.num_samples),
+    "DemoConfig.seed": (lambda n: DemoConfig(seed=n), lambda c: c.seed),
+    "DemoConfig.num_workers": (lambda n: DemoConfig(num_workers=n), lambda c: c.num_workers),
+    "DemoConfig.threads": (lambda n: DemoConfig(threads=n), lambda c: c.threads),
+    "ProbeConfig.min_batch_size": (lambda n: ProbeConfig(min_batch_size=n), lambda c: c.min_batch_size),
+    "ProbeConfig.max_batch_size": (lambda n: ProbeConfig(max_batch_size=n), lambda c: c.max_batch_size),
+    "ProbeConfig.seed": (lambda n: ProbeConfig(seed=n), lambda c: c.seed),
+    "ProbeConfig.threads": (lambda n: ProbeConfig(threads=n), lambda c: c.threads),
+}
+SAMPLER_INTEGER_PARAMETERS = {
+    "AdaptiveBatchSampler.data_source": (lambda o, n: sampler_over(o, data_source=n * 50), lambda s: s.dataset_size),
+    "AdaptiveBatchSampler.seed": (lambda o, n: sampler_over(o, seed=n), lambda s: s.seed),
+    "AdaptiveBatchSampler.rank": (lambda o, n: sampler_over(o, num_replicas=4, rank=n), lambda s: s.rank),
+    "AdaptiveBatchSampler.num_replicas": (lambda o, n: sampler_over(o, num_replicas=n), lambda s: s.num_replicas),
+    "AdaptiveBatchSampler.set_epoch": (lambda o, n: epoch_set(o, n), lambda s: s.epoch),
+    "AdaptiveBatchSampler.load_state_dict.epoch": (lambda o, n: loaded_sampler(o, n, 0), lambda s: s.epoch),
+    "AdaptiveBatchSampler.load_state_dict.position": (lambda o, n: loaded_sampler(o, 0, n),
+                                                      lambda s: s.state_dict()["position"]),
+}
+INTEGER_TYPES = [int, np.int64, np.int32, np.uint16]
+
+
+@pytest.mark.parametrize("integer", INTEGER_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("parameter", INTEGER_PARAMETERS)
+def test_every_integer_parameter_takes_numpy_integers_and_keeps_a_plain_int(parameter, integer):
+    make, kept = INTEGER_PARAMETERS[parameter]
+    built = make(integer(2))
+    if parameter == "BatchSizeConstraints.set_memory_cap":
+        built.set_memory_cap(integer(2))
+    value = kept(built)
+    assert type(value) is int, f"{parameter} kept a {type(value).__name__}"
+    assert value in (2, 20, 200)
+
+
+@pytest.mark.parametrize("integer", INTEGER_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("parameter", SAMPLER_INTEGER_PARAMETERS)
+def test_every_sampler_integer_takes_numpy_integers_and_keeps_a_plain_int(optimizer, parameter, integer):
+    make, kept = SAMPLER_INTEGER_PARAMETERS[parameter]
+    value = kept(make(optimizer, integer(2)))
+    assert type(value) is int, f"{parameter} kept a {type(value).__name__}"
+    assert value in (2, 100)
+
+
+def test_a_numpy_seed_shuffles_as_the_same_python_seed(optimizer):
+    batches = [list(sampler_over(optimizer, seed=seed)) for seed in (7, np.int64(7))]
+    assert batches[0] == batches[1]
+
+
+def test_log_every_from_numpy_through_the_scheduler(optimizer):
+    scheduler = make_scheduler(optimizer, writer=Writer(), log_every=np.int64(3))
+    assert scheduler.logger.log_every == 3 and type(scheduler.logger.log_every) is int

@@ -43,8 +43,8 @@ class Geometric(Schedule):
         self.every = check_positive_number("every", every)
         self.unit = check_choice("unit", unit, UNITS)
         if end is not None:
-            check_positive_int("end", end)
-            if end < start:
+            end = check_positive_int("end", end)
+            if end < self.start:
                 raise ValueError(f"end must be at least start ({start}), got {end}")
         self.end = end
 

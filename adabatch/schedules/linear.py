@@ -33,7 +33,7 @@ class Linear(Schedule):
     def __init__(self, start: int, end: int, length: float, unit: str = "epoch", begin: float = 0.0) -> None:
         self.start = check_positive_int("start", start)
         self.end = check_positive_int("end", end)
-        if end < start:
+        if self.end < self.start:
             raise ValueError(f"end must be at least start ({start}), got {end}")
         self.length = check_positive_number("length", length)
         self.unit = check_choice("unit", unit, UNITS)
