@@ -11,6 +11,9 @@ import math
 import numbers
 from typing import Any, Iterable, Sequence
 
+#: The seeds ``torch.Generator.manual_seed`` takes; it counts a negative one modulo 2**64.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 __all__ = [
     "check_bool",
     "check_choice",
@@ -21,6 +24,7 @@ __all__ = [
     "check_non_negative_number",
     "check_positive_int",
     "check_positive_number",
+    "check_seed",
     "is_integer",
     "is_real",
 ]
@@ -88,6 +92,16 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_seed(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` if it is an integer that ``torch.Generator.manual_seed``
+    takes, else raise a ``ValueError``."""
+    seed = check_integer(name, value)
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{name} must be in [-2**63, 2**64 - 1], the range torch.Generator.manual_seed takes, "
+                         f"got {value!r}")
+    return seed
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

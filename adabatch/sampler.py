@@ -12,7 +12,7 @@ from .distributed import world
 from .layout import EpochLayout
 from .scheduler import BatchSizeScheduler
 from ._validation import (
-    check_integer, check_non_negative_int, check_positive_int, is_integer,
+    check_integer, check_non_negative_int, check_positive_int, check_seed, is_integer,
 )
 
 __all__ = ["AdaptiveBatchSampler"]
@@ -98,7 +98,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if not isinstance(scheduler, BatchSizeScheduler):
             raise TypeError(f"scheduler must be a BatchSizeScheduler, got {type(scheduler).__name__}")
         self.shuffle = bool(shuffle)
-        self.seed = check_integer("seed", seed)
+        self.seed = check_seed("seed", seed)
         group_size, group_rank = world()
         num_replicas = group_size if num_replicas is None else check_positive_int("num_replicas", num_replicas)
         rank = (group_rank if num_replicas == group_size else 0) if rank is None else rank
@@ -183,7 +183,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if permutation is None:
             if self.shuffle:
                 generator = torch.Generator()
-                generator.manual_seed(self.seed + epoch)
+                # Wrapped as the generator wraps a negative seed, so that no epoch runs out of seeds.
+                generator.manual_seed((self.seed + epoch) % 2**64)
                 permutation = torch.randperm(self.dataset_size, generator=generator).numpy()
             else:
                 permutation = np.arange(self.dataset_size)

@@ -529,3 +529,40 @@ def test_a_numpy_seed_shuffles_as_the_same_python_seed(optimizer):
 def test_log_every_from_numpy_through_the_scheduler(optimizer):
     scheduler = make_scheduler(optimizer, writer=Writer(), log_every=np.int64(3))
     assert scheduler.logger.log_every == 3 and type(scheduler.logger.log_every) is int
+
+
+# ------------------------------------------------------------------ seeds
+SEED_RANGE = r"seed must be in \[-2\*\*63, 2\*\*64 - 1\], the range torch.Generator.manual_seed takes, got "
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**64, -2**63 - 1], ids=str)
+def test_a_seed_out_of_the_generators_range(optimizer, seed):
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        sampler_over(optimizer, seed=seed)
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        DemoConfig(seed=seed)
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        ProbeConfig(seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -2**63, -1], ids=str)
+def test_a_seed_at_the_ends_of_the_range_shuffles_every_epoch(optimizer, seed):
+    scheduler = make_scheduler(optimizer, Constant(25))
+    sampler = AdaptiveBatchSampler(100, scheduler, seed=seed)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        indices = [index for batch in sampler for index in batch]
+        for _ in range(4):
+            scheduler.step(25)
+        assert sorted(indices) == list(range(100))
+
+
+@pytest.mark.parametrize("make", [lambda seed: DemoConfig(seed=seed), lambda seed: ProbeConfig(seed=seed)],
+                         ids=["DemoConfig", "ProbeConfig"])
+@pytest.mark.parametrize("seed", [1.5, "0", None, True], ids=repr)
+def test_a_config_seed_must_be_an_integer(make, seed):
+    with pytest.raises(ValueError, match=f"seed must be an integer, got {re.escape(repr(seed))}"):
+        make(seed)
+
+
+# ------------------------------------------------- garbage refused where it is given
