@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 #: The seeds ``torch.Generator.manual_seed`` takes; it counts a negative one modulo 2**64.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -89,7 +91,7 @@ def check_fraction(name: str, value: object, *, what: str = "in [0, 1)") -> floa
 
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a ``bool`` (NumPy's included), else raise a ``ValueError``."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

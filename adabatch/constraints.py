@@ -16,7 +16,7 @@ import warnings
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validation import check_integer, check_positive_int, is_real
+from ._validation import check_bool, check_integer, check_positive_int, is_real
 
 __all__ = ["BatchSizeConstraints", "bn_safe_min_batch_size", "DEFAULT_BN_FLOOR"]
 
@@ -87,8 +87,8 @@ class BatchSizeConstraints:
                 )
         self.max_batch_size = max_batch_size
         self.multiple_of = check_positive_int("multiple_of", multiple_of)
-        self.accumulate = bool(accumulate)
-        self.global_floor = bool(global_floor)
+        self.accumulate = check_bool("accumulate", accumulate)
+        self.global_floor = check_bool("global_floor", global_floor)
         self.memory_cap: int | None = None
         self.dataset_size: int | None = None
         self.num_replicas = 1

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import schedules
-from ._validation import check_integer, check_seed
+from ._validation import check_bool, check_integer, check_seed
 from .constraints import bn_safe_min_batch_size
 from .sampler import AdaptiveBatchSampler
 from .scheduler import BatchSizeScheduler
@@ -105,6 +105,7 @@ class DemoConfig:
         for name, lowest in (("epochs", 1), ("num_samples", 100), ("num_workers", 0), ("threads", 1)):
             object.__setattr__(self, name, check_integer(name, getattr(self, name), lowest))
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        object.__setattr__(self, "progress", check_bool("progress", self.progress))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from .distributed import world
 from .layout import EpochLayout
 from .scheduler import BatchSizeScheduler
 from ._validation import (
-    check_integer, check_non_negative_int, check_positive_int, check_seed, is_integer,
+    check_bool, check_integer, check_non_negative_int, check_positive_int, check_seed, is_integer,
 )
 
 __all__ = ["AdaptiveBatchSampler"]
@@ -97,7 +97,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             raise TypeError(f"data_source must be a sized dataset or an int, got {type(data_source).__name__}")
         if not isinstance(scheduler, BatchSizeScheduler):
             raise TypeError(f"scheduler must be a BatchSizeScheduler, got {type(scheduler).__name__}")
-        self.shuffle = bool(shuffle)
+        self.shuffle = check_bool("shuffle", shuffle)
         self.seed = check_seed("seed", seed)
         group_size, group_rank = world()
         num_replicas = group_size if num_replicas is None else check_positive_int("num_replicas", num_replicas)

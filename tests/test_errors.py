@@ -566,3 +566,29 @@ def test_a_config_seed_must_be_an_integer(make, seed):
 
 
 # ------------------------------------------------- garbage refused where it is given
+@pytest.mark.parametrize("value", ["no", 1, 0, None, 1.0], ids=repr)
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("monotone", lambda value: Adaptive(monotone=value)),
+        ("accumulate", lambda value: BatchSizeConstraints(accumulate=value)),
+        ("global_floor", lambda value: BatchSizeConstraints(global_floor=value)),
+        ("progress", lambda value: DemoConfig(progress=value)),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_switches_must_be_bools(name, make, value):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got {re.escape(repr(value))}"):
+        make(value)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
+def test_shuffle_must_be_a_bool(optimizer, value):
+    with pytest.raises(ValueError, match=f"shuffle must be True or False, got {re.escape(repr(value))}"):
+        sampler_over(optimizer, shuffle=value)
+
+
+@pytest.mark.parametrize("switch", [True, False, np.bool_(True)], ids=repr)
+def test_switches_take_numpy_bools_and_keep_a_plain_bool(optimizer, switch):
+    assert Adaptive(monotone=switch).monotone is bool(switch)
+    assert sampler_over(optimizer, shuffle=switch).shuffle is bool(switch)

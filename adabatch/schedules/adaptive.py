@@ -6,7 +6,7 @@ import math
 from typing import Any, Mapping
 
 from .._validation import (
-    check_choice, check_fraction, check_non_negative_int, check_positive_int, check_positive_number,
+    check_bool, check_choice, check_fraction, check_non_negative_int, check_positive_int, check_positive_number,
 )
 from .base import Progress, Schedule
 
@@ -110,7 +110,7 @@ class Adaptive(Schedule):
         self.hysteresis = check_fraction("hysteresis", hysteresis)
         self.interval = check_positive_int("interval", interval)
         self.warmup = check_non_negative_int("warmup", warmup)
-        self.monotone = bool(monotone)
+        self.monotone = check_bool("monotone", monotone)
         self._size: float | None = None  # the current decision
         self._epoch = -1  # the epoch of the last decision
         self._epoch_base = 0.0  # the size when that epoch began
