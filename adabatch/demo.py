@@ -105,6 +105,8 @@ class DemoConfig:
         for name, lowest in (("epochs", 1), ("num_samples", 100), ("num_workers", 0), ("threads", 1)):
             object.__setattr__(self, name, check_integer(name, getattr(self, name), lowest))
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        if self.logdir is not None and not isinstance(self.logdir, (str, os.PathLike)):
+            raise ValueError(f"logdir must be a path or None, got {self.logdir!r}")
         object.__setattr__(self, "progress", check_bool("progress", self.progress))
 
 

@@ -32,6 +32,9 @@ class TensorBoardLogger:
     """
 
     def __init__(self, writer: Any, log_every: int = 1) -> None:
+        if not all(callable(getattr(writer, method, None)) for method in ("add_scalar", "add_custom_scalars")):
+            raise TypeError(f"writer must have add_scalar and add_custom_scalars, as a SummaryWriter has; "
+                            f"got {type(writer).__name__}")
         self.writer = writer
         self.log_every = check_positive_int("log_every", log_every)
         self._layout_written = False

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_positive_int, check_seed
+from ._validation import check_fraction, check_positive_int, check_seed
 from .constraints import bn_safe_min_batch_size
 from .demo import DEFAULT_THREADS, LR, MOMENTUM, WEIGHT_DECAY, build_model
 from .memory import DEFAULT_SAFETY_MARGIN, FakeMemory, MemoryDevice, ProbeResult, accelerator_memory, probe_memory
@@ -82,6 +82,8 @@ class ProbeConfig:
                 object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
         object.__setattr__(self, "threads", check_positive_int("threads", self.threads))
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        object.__setattr__(self, "safety_margin",
+                           check_fraction("safety_margin", self.safety_margin, what="a fraction in [0, 1)"))
 
     @property
     def fake(self) -> bool:

@@ -592,3 +592,41 @@ def test_shuffle_must_be_a_bool(optimizer, value):
 def test_switches_take_numpy_bools_and_keep_a_plain_bool(optimizer, switch):
     assert Adaptive(monotone=switch).monotone is bool(switch)
     assert sampler_over(optimizer, shuffle=switch).shuffle is bool(switch)
+
+
+@pytest.mark.parametrize("milestones", [5, 2.5, "10", None], ids=repr)
+def test_milestones_must_be_a_sequence(milestones):
+    with pytest.raises(ValueError, match=f"milestones must be a sequence of numbers, got {re.escape(repr(milestones))}"):
+        Step(start=32, milestones=milestones)
+
+
+@pytest.mark.parametrize("writer, kind", [("runs/demo", "str"), (object(), "object"), (None, "NoneType")])
+def test_a_writer_must_write_scalars(optimizer, writer, kind):
+    message = f"writer must have add_scalar and add_custom_scalars, as a SummaryWriter has; got {kind}"
+    with pytest.raises(TypeError, match=message):
+        TensorBoardLogger(writer)
+    if writer is not None:
+        with pytest.raises(TypeError, match=message):
+            make_scheduler(optimizer, writer=writer)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: DemoConfig(logdir=5), "logdir must be a path or None, got 5"),
+        (lambda: ProbeConfig(safety_margin=1.0), r"safety_margin must be a fraction in \[0, 1\), got 1.0"),
+        (lambda: ProbeConfig(safety_margin="0.1"), r"safety_margin must be a fraction in \[0, 1\), got '0.1'"),
+        (lambda: ProbeConfig(threads=np.float64(2)), "threads must be a positive integer, got"),
+        (lambda: Linear(start=8, end=16, length="1"), "length must be a positive finite number, got '1'"),
+        (lambda: Linear(start=8, end=16, length=1, begin="0"), "begin must be a non-negative finite number, got '0'"),
+        (lambda: Adaptive(hysteresis="0.1"), r"hysteresis must be in \[0, 1\), got '0.1'"),
+        (lambda: Adaptive(signal=["noise_scale"]),
+         r"signal must be one of \('noise_scale', 'norm_test'\), got \['noise_scale'\]"),
+        (lambda: EpochLayout(100, remainder=["wrap"]),
+         r"remainder must be one of \('balance', 'wrap', 'drop'\), got \['wrap'\]"),
+    ],
+    ids=lambda value: "",
+)
+def test_a_wrong_kind_of_value_is_refused_with_its_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
