@@ -5,8 +5,8 @@ samples seen (prefix ``adabatch_vs_samples/``), so runs with different batch sch
 the second set of curves.
 
 With a ``torch.utils.tensorboard.SummaryWriter`` all of a step's values go into one event per
-axis: tensorboard's pure-Python event writer checksums every event, and one ``add_scalar`` per
-value cost over ten times more per step. Any other writer with ``add_scalar`` and
+axis, because tensorboard's pure-Python event writer checksums every event and one
+``add_scalar`` per value would write one event each. Any other writer with ``add_scalar`` and
 ``add_custom_scalars`` works too, one call per value.
 """
 

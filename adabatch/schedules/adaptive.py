@@ -36,12 +36,11 @@ class Adaptive(Schedule):
     * **Target.** ``target = start^(1 - exponent) · signal^exponent``: with the default
       exponent 0.25, a quarter of the way from the starting size to the signal in log scale
       (the noise scale rising 100-fold raises the batch about 3-fold). Larger exponents grow
-      faster and cost accuracy where large batches do: on MNIST-1D, 0.5 matched batch 32 with
-      the CNN but ended 1.4 points below it with an MLP (the README's Results). The signal is
-      the smoothed ``B_simple`` (``signal="noise_scale"``), or ``B_simple / θ²``
-      (``signal="norm_test"``): the smallest batch that passes the norm
-      test of Byrd et al. (2012) and Bollapragada et al. (2018), which asks that the variance
-      of the mini-batch gradient be at most ``θ²`` times its squared norm.
+      faster, and cost accuracy where large batches do. The signal is the smoothed
+      ``B_simple`` (``signal="noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``):
+      the smallest batch that passes the norm test of Byrd et al. (2012) and Bollapragada et
+      al. (2018), which asks that the variance of the mini-batch gradient be at most ``θ²``
+      times its squared norm.
     * **Decisions** are taken every ``interval`` optimizer steps, once ``warmup`` measurements
       have been averaged (by default the scheduler measures one step per 512 samples while
       batches are at most 64: 50 measurements are 25,600 samples), and only when the target
@@ -53,15 +52,14 @@ class Adaptive(Schedule):
     * **Learning rate.** Unless the scheduler is given another ``lr_scaling``, the learning
       rate follows AdaScale's gain (``lr_scaling="gain"``, Johnson et al. 2020; its square root
       for Adam-family optimizers), as AdaptDL pairs its batch sizes with it. At a constant
-      learning rate a larger batch anneals the gradient noise as a learning-rate decay would,
-      and growth on the noise scale's cue comes early: on MNIST-1D, this controller (with
-      exponent 0.5) at a constant learning rate reached the largest batch by epoch 4 and ended
-      0.4 points below batch 32 (``benchmarks/time_to_accuracy.py``). With the gain, each sample moves training
-      as far as at the starting size, and the batch size changes the throughput, not the
-      optimization.
+      learning rate a larger batch anneals the gradient noise as a learning-rate decay would
+      (Smith et al. 2018), and growth on the noise scale's cue comes early in training, so the
+      run would anneal early. With the gain, each sample moves training as far as at the
+      starting size, and the batch size changes the throughput, not the optimization.
 
-    The scheduler feeds it after each step (:meth:`observe`); its decisions are part of the
-    scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
+    Unlike a timetable it is not a function of progress alone: its size depends on the noise
+    scales it was fed after each step (:meth:`observe`), and its decisions are state, part of
+    the scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
     already prefetched by DataLoader workers (``prefetch_factor × num_workers`` of them at
     most) keep the size they were drawn with.
 

@@ -1,9 +1,12 @@
-"""The schedule interface: a batch size as a pure function of training progress.
+"""The schedule interface: the global batch size at a point of training.
 
-A schedule answers one question: how large should the global batch be at this point
-of training? It never accumulates state by multiplying the previous value; given the same
-:class:`Progress` it returns the same size, so a run that is stopped and resumed sees the
-same sizes as one that was not.
+A schedule answers one question: how large should the global batch be at this point of
+training? A timetable answers from :class:`Progress` alone, in closed form, never by
+multiplying the previous value: given the same progress it returns the same size, so a run
+that is stopped and resumed sees the same sizes as one that was not. An adaptive schedule
+also depends on the signals it was fed (:meth:`Schedule.observe`); what it learned from them
+is its state, which the scheduler's checkpoint carries (:meth:`Schedule.state_dict`), so a
+resumed run continues from the same decisions.
 """
 
 from __future__ import annotations
