@@ -100,6 +100,3 @@ class TensorBoardLogger:
 
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
         file_writer().add_summary(summary, step)
-
-    def flush(self) -> None:
-        self.writer.flush()

@@ -22,9 +22,5 @@ class Constant(Schedule):
     def __init__(self, batch_size: int) -> None:
         self.batch_size = check_positive_int("batch_size", batch_size)
 
-    @property
-    def start(self) -> int:
-        return self.batch_size
-
     def batch_size_at(self, progress: Progress) -> float:
         return float(self.batch_size)
