@@ -6,7 +6,8 @@ import math
 from typing import Any, Mapping
 
 from .._validation import (
-    check_bool, check_choice, check_fraction, check_non_negative_int, check_positive_int, check_positive_number,
+    check_bool, check_choice, check_fraction, check_integer, check_non_negative_int, check_non_negative_number,
+    check_positive_int, check_positive_number,
 )
 from .base import Progress, Schedule
 
@@ -82,6 +83,11 @@ class Adaptive(Schedule):
 
     needs_noise = True
     default_lr_scaling = "gain"
+
+    _SIZE = "size"
+    _EPOCH = "epoch"
+    _EPOCH_BASE = "epoch_base"
+    _STEPS = "steps"
 
     def __init__(
         self,
@@ -161,11 +167,25 @@ class Adaptive(Schedule):
     def state_dict(self) -> dict[str, Any]:
         """A new dict of the controller's decision and the bounds it keeps (the epoch of the last
         decision, the size that epoch began at, the steps observed)."""
-        return {"size": self._size, "epoch": self._epoch, "epoch_base": self._epoch_base, "steps": self._steps}
+        return {self._SIZE: self._size, self._EPOCH: self._epoch, self._EPOCH_BASE: self._epoch_base,
+                self._STEPS: self._steps}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self._size = state_dict["size"]
-        self._epoch = int(state_dict["epoch"])
-        self._epoch_base = float(state_dict["epoch_base"])
-        self._steps = int(state_dict["steps"])
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: if a key is missing (as in the state of another schedule) or a value is
+                not one this controller could have saved.
+        """
+        for key in (self._SIZE, self._EPOCH, self._EPOCH_BASE, self._STEPS):
+            if key not in state_dict:
+                raise ValueError(f"Adaptive state_dict is missing {key!r}; was it saved with another schedule?")
+
+        def name(key: str) -> str:
+            return f"Adaptive state_dict[{key!r}]"
+
+        size = state_dict[self._SIZE]
+        self._size = None if size is None else check_positive_number(name(self._SIZE), size)
+        self._epoch = check_integer(name(self._EPOCH), state_dict[self._EPOCH], -1)
+        self._epoch_base = check_non_negative_number(name(self._EPOCH_BASE), state_dict[self._EPOCH_BASE])
+        self._steps = check_non_negative_int(name(self._STEPS), state_dict[self._STEPS])
