@@ -42,6 +42,8 @@ def bn_safe_min_batch_size(model: nn.Module, floor: int = DEFAULT_BN_FLOOR) -> i
         >>> bn_safe_min_batch_size(nn.Linear(4, 2))
         1
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     floor = check_positive_int("floor", floor)
     has_batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())
     return floor if has_batch_norm else 1

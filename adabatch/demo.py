@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import schedules
-from ._validation import check_bool, check_integer, check_seed
+from ._validation import check_bool, check_integer, check_positive_int, check_seed
 from .constraints import bn_safe_min_batch_size
 from .sampler import AdaptiveBatchSampler
 from .scheduler import BatchSizeScheduler
@@ -170,11 +170,13 @@ def make_mnist1d(num_samples: int = DEFAULT_NUM_SAMPLES) -> tuple[TensorDataset,
         shape ``(n, 1, 40)`` (float32) and ``y`` of shape ``(n,)`` (int64).
 
     Raises:
+        ValueError: if ``num_samples`` is not a positive integer.
         MissingExtrasError: if ``mnist1d`` is not installed.
 
     Note:
         ``mnist1d`` seeds numpy's global random generator (with 42) while generating.
     """
+    num_samples = check_positive_int("num_samples", num_samples)
     mnist1d_data, _ = _import_extras()
     args = mnist1d_data.get_dataset_args()
     args.num_samples = num_samples

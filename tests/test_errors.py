@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchSampler, BatchSizeConstraints, BatchSizeScheduler, bn_safe_min_batch_size
-from adabatch.demo import DemoConfig
+from adabatch.demo import DemoConfig, make_mnist1d
 from adabatch.layout import EpochLayout
 from adabatch.loggers import TensorBoardLogger
 from adabatch.probe_cli import ProbeConfig
@@ -596,7 +596,8 @@ def test_switches_take_numpy_bools_and_keep_a_plain_bool(optimizer, switch):
 
 @pytest.mark.parametrize("milestones", [5, 2.5, "10", None], ids=repr)
 def test_milestones_must_be_a_sequence(milestones):
-    with pytest.raises(ValueError, match=f"milestones must be a sequence of numbers, got {re.escape(repr(milestones))}"):
+    message = f"milestones must be a sequence of numbers, got {re.escape(repr(milestones))}"
+    with pytest.raises(ValueError, match=message):
         Step(start=32, milestones=milestones)
 
 
@@ -630,3 +631,22 @@ def test_a_writer_must_write_scalars(optimizer, writer, kind):
 def test_a_wrong_kind_of_value_is_refused_with_its_name(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: bn_safe_min_batch_size("resnet"), "model must be an nn.Module, got str"),
+        (lambda: bn_safe_min_batch_size(None), "model must be an nn.Module, got NoneType"),
+    ],
+    ids=lambda value: "",
+)
+def test_a_wrong_kind_of_object_is_refused_with_its_name(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("num_samples", [0, 2.5, "1000"], ids=repr)
+def test_the_generated_dataset_needs_a_positive_number_of_samples(num_samples):
+    with pytest.raises(ValueError, match=f"num_samples must be a positive integer, got {re.escape(repr(num_samples))}"):
+        make_mnist1d(num_samples)
