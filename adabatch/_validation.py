@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+#: The seeds ``torch.Generator.manual_seed`` takes; it counts a negative one modulo 2**64.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 __all__ = [
     "check_bool",
+    "check_choice",
     "check_fraction",
     "check_integer",
+    "check_milestones",
     "check_non_negative_int",
+    "check_non_negative_number",
     "check_positive_int",
     "check_positive_number",
+    "check_seed",
     "is_integer",
     "is_real",
 ]
@@ -65,6 +75,13 @@ def check_positive_number(name: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def check_non_negative_number(name: str, value: object) -> float:
+    """Return ``value`` as a ``float`` if it is a non-negative finite real number, else raise a ``ValueError``."""
+    if not is_real(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_fraction(name: str, value: object, *, what: str = "in [0, 1)") -> float:
     """Return ``value`` as a ``float`` if it is a real number in ``[0, 1)``, else raise a ``ValueError``."""
     if not is_real(value) or not 0 <= value < 1:  # type: ignore[operator]
@@ -74,6 +91,37 @@ def check_fraction(name: str, value: object, *, what: str = "in [0, 1)") -> floa
 
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a ``bool`` (NumPy's included), else raise a ``ValueError``."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_seed(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` if it is an integer that ``torch.Generator.manual_seed``
+    takes, else raise a ``ValueError``."""
+    seed = check_integer(name, value)
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{name} must be in [-2**63, 2**64 - 1], the range torch.Generator.manual_seed takes, "
+                         f"got {value!r}")
+    return seed
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_milestones(milestones: Iterable[object]) -> list[float]:
+    """Return ``milestones`` as a list of floats if they are positive, finite and strictly
+    increasing, else raise a ``ValueError``."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+        raise ValueError(f"milestones must be a sequence of numbers, got {milestones!r}")
+    values = list(milestones)
+    for value in values:
+        check_positive_number("each milestone", value)
+    for earlier, later in zip(values, values[1:]):
+        if later <= earlier:  # type: ignore[operator]
+            raise ValueError(f"milestones must be strictly increasing, got {values!r}")
+    return [float(value) for value in values]  # type: ignore[arg-type]

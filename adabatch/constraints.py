@@ -11,13 +11,12 @@ the memory cap are per replica, because that is what each BatchNorm layer and ea
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .schedules.base import check_positive_int
+from ._validation import check_bool, check_integer, check_positive_int, is_real
 
 __all__ = ["BatchSizeConstraints", "bn_safe_min_batch_size", "DEFAULT_BN_FLOOR"]
 
@@ -43,7 +42,9 @@ def bn_safe_min_batch_size(model: nn.Module, floor: int = DEFAULT_BN_FLOOR) -> i
         >>> bn_safe_min_batch_size(nn.Linear(4, 2))
         1
     """
-    check_positive_int("floor", floor)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    floor = check_positive_int("floor", floor)
     has_batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())
     return floor if has_batch_norm else 1
 
@@ -81,15 +82,15 @@ class BatchSizeConstraints:
     ) -> None:
         self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
         if max_batch_size is not None:
-            check_positive_int("max_batch_size", max_batch_size)
-            if max_batch_size < min_batch_size:
+            max_batch_size = check_positive_int("max_batch_size", max_batch_size)
+            if max_batch_size < self.min_batch_size:
                 raise ValueError(
                     f"min_batch_size ({min_batch_size}) must not exceed max_batch_size ({max_batch_size})"
                 )
         self.max_batch_size = max_batch_size
         self.multiple_of = check_positive_int("multiple_of", multiple_of)
-        self.accumulate = bool(accumulate)
-        self.global_floor = bool(global_floor)
+        self.accumulate = check_bool("accumulate", accumulate)
+        self.global_floor = check_bool("global_floor", global_floor)
         self.memory_cap: int | None = None
         self.dataset_size: int | None = None
         self.num_replicas = 1
@@ -103,9 +104,9 @@ class BatchSizeConstraints:
             ValueError: if the floor does not fit in each replica's share of the dataset, or
                 if no multiple of ``multiple_of`` lies between the floor and the cap.
         """
-        check_positive_int("num_replicas", num_replicas)
+        num_replicas = check_positive_int("num_replicas", num_replicas)
         if dataset_size is not None:
-            check_positive_int("dataset_size", dataset_size)
+            dataset_size = check_positive_int("dataset_size", dataset_size)
             if dataset_size // num_replicas < self.floor_for(num_replicas):
                 raise ValueError(
                     f"min_batch_size ({self.min_batch_size}) is larger than each replica's share of the "
@@ -145,10 +146,9 @@ class BatchSizeConstraints:
 
     def set_memory_cap(self, memory_cap: int | None) -> None:
         """Set the largest micro-batch one replica's memory holds (``None``: no memory cap)."""
-        if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Integral)
-                                       or memory_cap < 0):
-            raise ValueError(f"memory_cap must be a non-negative integer or None, got {memory_cap!r}")
-        self.memory_cap = None if memory_cap is None else int(memory_cap)
+        if memory_cap is not None:
+            memory_cap = check_integer("memory_cap", memory_cap, 0, what="a non-negative integer or None")
+        self.memory_cap = memory_cap
 
     def _memory_highest(self) -> float:
         """The largest per-replica size ``apply`` hands out, the memory cap included."""
@@ -172,7 +172,7 @@ class BatchSizeConstraints:
         """Turn a requested global batch size into the global batch size that will be trained
         (``memory=False``: under the static bounds only, without the memory cap)."""
         # Checked on every batch: plain floats and ints skip the slower abstract-type test.
-        if type(requested) not in (float, int) and (isinstance(requested, bool) or not isinstance(requested, numbers.Real)):
+        if type(requested) not in (float, int) and not is_real(requested):
             raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")
         if not math.isfinite(requested) or requested <= 0:
             raise ValueError(f"the schedule asked for batch size {requested!r}; it must be a positive finite number")

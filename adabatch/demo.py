@@ -2,11 +2,10 @@
 
 The dataset is generated locally by ``mnist1d`` (Greydanus 2020, "Scaling Down Deep Learning"),
 so the demo needs no download: 24,000 sequences of length 40 by default, 80% for training. The
-policy is the best trade-off measured for this task on a 2-core CPU (99% test accuracy within
-about 9 s of training, 99.1% at the end, a quarter of the optimizer steps of a fixed batch of
-32): the batch is multiplied by 4 at epochs 4 and 8 at a constant learning rate (Smith et al.
-2018, "Don't Decay the Learning Rate, Increase the Batch Size"), then the learning rate is
-multiplied by 0.2 at epochs 12 and 16, once the batch has stopped growing.
+batch is multiplied by 4 at epochs 4 and 8 at a constant learning rate, where a step schedule
+would decay the learning rate (Smith et al. 2018, "Don't Decay the Learning Rate, Increase the
+Batch Size"); then the learning rate is multiplied by 0.2 at epochs 12 and 16, once the batch
+has stopped growing.
 
 ``mnist1d`` and ``tqdm`` are optional (``pip install "adabatch[demo]"``); they are imported only
 when the demo runs, and a missing one raises :class:`MissingExtrasError`.
@@ -29,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import schedules
+from ._validation import check_bool, check_integer, check_positive_int, check_seed
 from .constraints import bn_safe_min_batch_size
 from .sampler import AdaptiveBatchSampler
 from .scheduler import BatchSizeScheduler
@@ -100,10 +100,13 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # The config is frozen: each checked value replaces the given one through object.__setattr__.
         for name, lowest in (("epochs", 1), ("num_samples", 100), ("num_workers", 0), ("threads", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ValueError(f"{name} must be an integer of at least {lowest}, got {value!r}")
+            object.__setattr__(self, name, check_integer(name, getattr(self, name), lowest))
+        object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        if self.logdir is not None and not isinstance(self.logdir, (str, os.PathLike)):
+            raise ValueError(f"logdir must be a path or None, got {self.logdir!r}")
+        object.__setattr__(self, "progress", check_bool("progress", self.progress))
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,13 @@ def make_mnist1d(num_samples: int = DEFAULT_NUM_SAMPLES) -> tuple[TensorDataset,
         shape ``(n, 1, 40)`` (float32) and ``y`` of shape ``(n,)`` (int64).
 
     Raises:
+        ValueError: if ``num_samples`` is not a positive integer.
         MissingExtrasError: if ``mnist1d`` is not installed.
 
     Note:
         ``mnist1d`` seeds numpy's global random generator (with 42) while generating.
     """
+    num_samples = check_positive_int("num_samples", num_samples)
     mnist1d_data, _ = _import_extras()
     args = mnist1d_data.get_dataset_args()
     args.num_samples = num_samples

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .schedules.base import check_positive_int
+from ._validation import check_choice, check_positive_int, is_integer
 
 __all__ = ["EpochLayout", "REMAINDER_POLICIES"]
 
@@ -50,18 +50,16 @@ class EpochLayout:
     """
 
     def __init__(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance", min_batch_size: int = 1):
-        if isinstance(dataset_size, int) and not isinstance(dataset_size, bool) and dataset_size == 0:
+        if is_integer(dataset_size) and dataset_size == 0:
             raise ValueError("the dataset is empty: an AdaptiveBatchSampler needs at least one sample")
         self.dataset_size = check_positive_int("dataset_size", dataset_size)
         self.num_replicas = check_positive_int("num_replicas", num_replicas)
-        if remainder not in REMAINDER_POLICIES:
-            raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
-        self.remainder = remainder
+        self.remainder = check_choice("remainder", remainder, REMAINDER_POLICIES)
         self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
-        if dataset_size < num_replicas:
+        if self.dataset_size < self.num_replicas:
             raise ValueError(f"dataset_size ({dataset_size}) must be at least num_replicas ({num_replicas})")
         # Under "balance" each epoch uses the largest multiple of num_replicas that fits.
-        self.usable = dataset_size - dataset_size % num_replicas
+        self.usable = self.dataset_size - self.dataset_size % self.num_replicas
 
     def epoch_of(self, position: int) -> int:
         return position // self.dataset_size

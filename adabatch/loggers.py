@@ -5,14 +5,16 @@ samples seen (prefix ``adabatch_vs_samples/``), so runs with different batch sch
 the second set of curves.
 
 With a ``torch.utils.tensorboard.SummaryWriter`` all of a step's values go into one event per
-axis: tensorboard's pure-Python event writer checksums every event, and one ``add_scalar`` per
-value cost over ten times more per step. Any other writer with ``add_scalar`` and
+axis, because tensorboard's pure-Python event writer checksums every event and one
+``add_scalar`` per value would write one event each. Any other writer with ``add_scalar`` and
 ``add_custom_scalars`` works too, one call per value.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from ._validation import check_positive_int
 
 __all__ = ["TensorBoardLogger", "STEP_PREFIX", "SAMPLES_PREFIX"]
 
@@ -30,10 +32,11 @@ class TensorBoardLogger:
     """
 
     def __init__(self, writer: Any, log_every: int = 1) -> None:
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+        if not all(callable(getattr(writer, method, None)) for method in ("add_scalar", "add_custom_scalars")):
+            raise TypeError(f"writer must have add_scalar and add_custom_scalars, as a SummaryWriter has; "
+                            f"got {type(writer).__name__}")
         self.writer = writer
-        self.log_every = log_every
+        self.log_every = check_positive_int("log_every", log_every)
         self._layout_written = False
         self._last_target: float | None = None
 
@@ -97,6 +100,3 @@ class TensorBoardLogger:
 
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
         file_writer().add_summary(summary, step)
-
-    def flush(self) -> None:
-        self.writer.flush()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._validation import check_fraction, check_positive_int, check_seed
 from .constraints import bn_safe_min_batch_size
 from .demo import DEFAULT_THREADS, LR, MOMENTUM, WEIGHT_DECAY, build_model
 from .memory import DEFAULT_SAFETY_MARGIN, FakeMemory, MemoryDevice, ProbeResult, accelerator_memory, probe_memory
@@ -75,12 +76,14 @@ class ProbeConfig:
                              f"and fake_per_sample too")
         if self.fake_capacity is not None:
             FakeMemory(self.fake_capacity, self.fake_fixed, self.fake_per_sample)  # type: ignore[arg-type]
+        # The config is frozen: each checked value replaces the given one through object.__setattr__.
         for name in ("min_batch_size", "max_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        object.__setattr__(self, "threads", check_positive_int("threads", self.threads))
+        object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        object.__setattr__(self, "safety_margin",
+                           check_fraction("safety_margin", self.safety_margin, what="a fraction in [0, 1)"))
 
     @property
     def fake(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterator, Mapping, Sized
 
 import numpy as np
@@ -12,7 +11,9 @@ from torch.utils.data import Sampler
 from .distributed import world
 from .layout import EpochLayout
 from .scheduler import BatchSizeScheduler
-from .schedules.base import check_positive_int
+from ._validation import (
+    check_bool, check_integer, check_non_negative_int, check_positive_int, check_seed, is_integer,
+)
 
 __all__ = ["AdaptiveBatchSampler"]
 
@@ -88,26 +89,22 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(data_source, int) and not isinstance(data_source, bool):
-            dataset_size = data_source
+        if is_integer(data_source):
+            dataset_size = int(data_source)
         elif isinstance(data_source, Sized):
             dataset_size = len(data_source)
         else:
             raise TypeError(f"data_source must be a sized dataset or an int, got {type(data_source).__name__}")
         if not isinstance(scheduler, BatchSizeScheduler):
             raise TypeError(f"scheduler must be a BatchSizeScheduler, got {type(scheduler).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.shuffle = check_bool("shuffle", shuffle)
+        self.seed = check_seed("seed", seed)
         group_size, group_rank = world()
         num_replicas = group_size if num_replicas is None else check_positive_int("num_replicas", num_replicas)
         rank = (group_rank if num_replicas == group_size else 0) if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an integer in [0, {num_replicas - 1}], got {rank!r}")
         self.scheduler = scheduler
-        self.shuffle = bool(shuffle)
-        self.seed = seed
         self.num_replicas = num_replicas
-        self.rank = rank
+        self.rank = check_integer("rank", rank, 0, num_replicas - 1)
         self.layout: EpochLayout = scheduler.bind(dataset_size, num_replicas, remainder)
         self.dataset_size = dataset_size
         self.remainder = remainder
@@ -134,8 +131,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             ValueError: if ``epoch`` is negative or already over, other than the one just
                 finished (epochs only move forward; load an earlier ``state_dict`` to replay one).
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        epoch = check_non_negative_int("epoch", epoch)
         current = self.layout.epoch_of(self._resume_position())
         # One epoch back is the epoch just finished, unless an iteration of a later one began.
         if epoch < current - 1 or (epoch == current - 1 and epoch < self._epoch):
@@ -143,7 +139,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 f"set_epoch({epoch}): epoch {epoch} is already over, training is in epoch {current}. Epochs "
                 f"only move forward; load an earlier state_dict to replay one"
             )
-        self._epoch = int(epoch)
+        self._epoch = epoch
         self._epoch_requested = True
 
     def _resume_position(self) -> int:
@@ -187,7 +183,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if permutation is None:
             if self.shuffle:
                 generator = torch.Generator()
-                generator.manual_seed(self.seed + epoch)
+                # Wrapped as the generator wraps a negative seed, so that no epoch runs out of seeds.
+                generator.manual_seed((self.seed + epoch) % 2**64)
                 permutation = torch.randperm(self.dataset_size, generator=generator).numpy()
             else:
                 permutation = np.arange(self.dataset_size)
@@ -234,10 +231,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         for key in (self._EPOCH, self._POSITION, self._SEED, self._SHUFFLE, self._DATASET_SIZE, self._REMAINDER):
             if key not in state_dict:
                 raise ValueError(f"sampler state_dict is missing {key!r}")
-        for key in (self._EPOCH, self._POSITION):
-            value = state_dict[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"sampler state_dict[{key!r}] must be a non-negative integer, got {value!r}")
+        epoch, position = (check_non_negative_int(f"sampler state_dict[{key!r}]", state_dict[key])
+                           for key in (self._EPOCH, self._POSITION))
         for key, mine in ((self._DATASET_SIZE, self.dataset_size), (self._SEED, self.seed),
                           (self._SHUFFLE, self.shuffle), (self._REMAINDER, self.remainder)):
             if state_dict[key] != mine:
@@ -245,9 +240,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                     f"sampler state_dict was saved with {key}={state_dict[key]!r}, but this sampler has "
                     f"{key}={mine!r}; resuming would train on other batches"
                 )
-        self._epoch = state_dict[self._EPOCH]
+        self._epoch = epoch
         self._epoch_requested = False
-        self._cursor, self._cursor_known = state_dict[self._POSITION], True
+        self._cursor, self._cursor_known = position, True
 
     def __repr__(self) -> str:
         return (

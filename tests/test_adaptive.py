@@ -15,6 +15,7 @@ import warnings
 from itertools import islice
 from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -448,3 +449,39 @@ def test_resume_with_workers_gives_the_same_batches(uninterrupted):
         restore(training, state)
         assert train(training, state["epoch"]) == records[stop:], f"resumed after step {stop}"
         assert training.scheduler.schedule.state_dict() == checkpoints[-1]["scheduler"]["schedule"]
+
+
+# ------------------------------------------------------------------ restoring a checkpoint
+@pytest.mark.parametrize("key", ["size", "epoch", "epoch_base", "steps"])
+def test_a_state_without_a_key_is_refused_by_name(key):
+    adaptive = schedules.Adaptive(start=8)
+    state = adaptive.state_dict()
+    del state[key]
+    with pytest.raises(ValueError, match=f"Adaptive state_dict is missing '{key}'; was it saved with another schedule"):
+        adaptive.load_state_dict(state)
+
+
+def test_the_state_of_a_timetable_is_refused():
+    with pytest.raises(ValueError, match="Adaptive state_dict is missing 'size'"):
+        schedules.Adaptive().load_state_dict(schedules.Constant(32).state_dict())
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [("size", 0, "a positive finite number"), ("size", "64", "a positive finite number"),
+     ("epoch", -2, "an integer of at least -1"), ("epoch", 1.5, "an integer of at least -1"),
+     ("epoch_base", -1.0, "a non-negative finite number"), ("steps", -1, "a non-negative integer"),
+     ("steps", None, "a non-negative integer")],
+)
+def test_a_state_with_a_bad_value_is_refused_by_name(key, value, allowed):
+    adaptive = schedules.Adaptive(start=8)
+    state = adaptive.state_dict() | {key: value}
+    with pytest.raises(ValueError, match=re.escape(f"Adaptive state_dict['{key}'] must be {allowed}, got {value!r}")):
+        adaptive.load_state_dict(state)
+
+
+def test_a_restored_state_keeps_plain_numbers():
+    adaptive = schedules.Adaptive(start=8)
+    adaptive.load_state_dict({"size": np.float64(40.0), "epoch": np.int64(3), "epoch_base": 32, "steps": np.int64(60)})
+    assert adaptive.state_dict() == {"size": 40.0, "epoch": 3, "epoch_base": 32.0, "steps": 60}
+    assert [type(value) for value in adaptive.state_dict().values()] == [float, int, float, int]

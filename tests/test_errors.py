@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchSampler, BatchSizeConstraints, BatchSizeScheduler, bn_safe_min_batch_size
-from adabatch.schedules import Constant, Geometric, Lambda, Linear, Step
+from adabatch.demo import DemoConfig, make_mnist1d
+from adabatch.layout import EpochLayout
+from adabatch.loggers import TensorBoardLogger
+from adabatch.probe_cli import ProbeConfig
+from adabatch.schedules import Adaptive, Constant, Geometric, Lambda, Linear, Step
 
 
 @pytest.fixture
@@ -412,3 +417,236 @@ def test_scheduler_state_dict_loaded_before_a_sampler_over_another_dataset(optim
     with pytest.raises(ValueError, match="the state_dict's dataset_size is 100, but the sampler's dataset has 99 samples"):
         AdaptiveBatchSampler(99, resumed)
     AdaptiveBatchSampler(100, resumed)
+
+
+# ------------------------------------------------- integers, accepted in one way everywhere
+class Writer:
+    """The two methods the TensorBoard logger writes with, and nothing else."""
+
+    def add_scalar(self, tag, value, step):
+        pass
+
+    def add_custom_scalars(self, layout):
+        pass
+
+
+def sampler_over(optimizer, data_source=100, **kwargs) -> AdaptiveBatchSampler:
+    return AdaptiveBatchSampler(data_source, make_scheduler(optimizer), **kwargs)
+
+
+def bound_constraints(dataset_size, num_replicas) -> BatchSizeConstraints:
+    constraints = BatchSizeConstraints()
+    constraints.bind(dataset_size, num_replicas)
+    return constraints
+
+
+def loaded_sampler(optimizer, epoch, position) -> AdaptiveBatchSampler:
+    sampler = sampler_over(optimizer)
+    sampler.load_state_dict(sampler.state_dict() | {"epoch": epoch, "position": position})
+    return sampler
+
+
+def epoch_set(optimizer, epoch) -> AdaptiveBatchSampler:
+    sampler = sampler_over(optimizer)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+# (what to build from an integer, where the integer is kept); NumPy's integers come from
+# arrays, data files and argument parsers as often as Python's do.
+INTEGER_PARAMETERS = {
+    "Constant.batch_size": (lambda n: Constant(n), lambda s: s.batch_size),
+    "Step.start": (lambda n: Step(start=n), lambda s: s.start),
+    "Linear.start": (lambda n: Linear(start=n, end=64, length=1), lambda s: s.start),
+    "Linear.end": (lambda n: Linear(start=1, end=n, length=1), lambda s: s.end),
+    "Geometric.start": (lambda n: Geometric(start=n), lambda s: s.start),
+    "Geometric.end": (lambda n: Geometric(start=1, end=n), lambda s: s.end),
+    "Adaptive.start": (lambda n: Adaptive(start=n), lambda s: s.start),
+    "Adaptive.interval": (lambda n: Adaptive(interval=n), lambda s: s.interval),
+    "Adaptive.warmup": (lambda n: Adaptive(warmup=n), lambda s: s.warmup),
+    "BatchSizeConstraints.min_batch_size": (lambda n: BatchSizeConstraints(min_batch_size=n),
+                                            lambda c: c.min_batch_size),
+    "BatchSizeConstraints.max_batch_size": (lambda n: BatchSizeConstraints(max_batch_size=n),
+                                            lambda c: c.max_batch_size),
+    "BatchSizeConstraints.multiple_of": (lambda n: BatchSizeConstraints(multiple_of=n), lambda c: c.multiple_of),
+    "BatchSizeConstraints.bind.dataset_size": (lambda n: bound_constraints(n * 10, 1), lambda c: c.dataset_size),
+    "BatchSizeConstraints.bind.num_replicas": (lambda n: bound_constraints(100, n), lambda c: c.num_replicas),
+    "BatchSizeConstraints.set_memory_cap": (lambda n: bound_constraints(100, 1), lambda c: c.memory_cap),
+    "bn_safe_min_batch_size.floor": (lambda n: bn_safe_min_batch_size(nn.BatchNorm1d(2), floor=n), lambda f: f),
+    "EpochLayout.dataset_size": (lambda n: EpochLayout(n * 10), lambda l: l.dataset_size),
+    "EpochLayout.num_replicas": (lambda n: EpochLayout(100, num_replicas=n), lambda l: l.num_replicas),
+    "EpochLayout.min_batch_size": (lambda n: EpochLayout(100, min_batch_size=n), lambda l: l.min_batch_size),
+    "TensorBoardLogger.log_every": (lambda n: TensorBoardLogger(Writer(), log_every=n), lambda l: l.log_every),
+    "DemoConfig.epochs": (lambda n: DemoConfig(epochs=n), lambda c: c.epochs),
+    "DemoConfig.num_samples": (lambda n: DemoConfig(num_samples=n * 100), lambda c: c.num_samples),
+    "DemoConfig.seed": (lambda n: DemoConfig(seed=n), lambda c: c.seed),
+    "DemoConfig.num_workers": (lambda n: DemoConfig(num_workers=n), lambda c: c.num_workers),
+    "DemoConfig.threads": (lambda n: DemoConfig(threads=n), lambda c: c.threads),
+    "ProbeConfig.min_batch_size": (lambda n: ProbeConfig(min_batch_size=n), lambda c: c.min_batch_size),
+    "ProbeConfig.max_batch_size": (lambda n: ProbeConfig(max_batch_size=n), lambda c: c.max_batch_size),
+    "ProbeConfig.seed": (lambda n: ProbeConfig(seed=n), lambda c: c.seed),
+    "ProbeConfig.threads": (lambda n: ProbeConfig(threads=n), lambda c: c.threads),
+}
+SAMPLER_INTEGER_PARAMETERS = {
+    "AdaptiveBatchSampler.data_source": (lambda o, n: sampler_over(o, data_source=n * 50), lambda s: s.dataset_size),
+    "AdaptiveBatchSampler.seed": (lambda o, n: sampler_over(o, seed=n), lambda s: s.seed),
+    "AdaptiveBatchSampler.rank": (lambda o, n: sampler_over(o, num_replicas=4, rank=n), lambda s: s.rank),
+    "AdaptiveBatchSampler.num_replicas": (lambda o, n: sampler_over(o, num_replicas=n), lambda s: s.num_replicas),
+    "AdaptiveBatchSampler.set_epoch": (lambda o, n: epoch_set(o, n), lambda s: s.epoch),
+    "AdaptiveBatchSampler.load_state_dict.epoch": (lambda o, n: loaded_sampler(o, n, 0), lambda s: s.epoch),
+    "AdaptiveBatchSampler.load_state_dict.position": (lambda o, n: loaded_sampler(o, 0, n),
+                                                      lambda s: s.state_dict()["position"]),
+}
+INTEGER_TYPES = [int, np.int64, np.int32, np.uint16]
+
+
+@pytest.mark.parametrize("integer", INTEGER_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("parameter", INTEGER_PARAMETERS)
+def test_every_integer_parameter_takes_numpy_integers_and_keeps_a_plain_int(parameter, integer):
+    make, kept = INTEGER_PARAMETERS[parameter]
+    built = make(integer(2))
+    if parameter == "BatchSizeConstraints.set_memory_cap":
+        built.set_memory_cap(integer(2))
+    value = kept(built)
+    assert type(value) is int, f"{parameter} kept a {type(value).__name__}"
+    assert value in (2, 20, 200)
+
+
+@pytest.mark.parametrize("integer", INTEGER_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("parameter", SAMPLER_INTEGER_PARAMETERS)
+def test_every_sampler_integer_takes_numpy_integers_and_keeps_a_plain_int(optimizer, parameter, integer):
+    make, kept = SAMPLER_INTEGER_PARAMETERS[parameter]
+    value = kept(make(optimizer, integer(2)))
+    assert type(value) is int, f"{parameter} kept a {type(value).__name__}"
+    assert value in (2, 100)
+
+
+def test_a_numpy_seed_shuffles_as_the_same_python_seed(optimizer):
+    batches = [list(sampler_over(optimizer, seed=seed)) for seed in (7, np.int64(7))]
+    assert batches[0] == batches[1]
+
+
+def test_log_every_from_numpy_through_the_scheduler(optimizer):
+    scheduler = make_scheduler(optimizer, writer=Writer(), log_every=np.int64(3))
+    assert scheduler.logger.log_every == 3 and type(scheduler.logger.log_every) is int
+
+
+# ------------------------------------------------------------------ seeds
+SEED_RANGE = r"seed must be in \[-2\*\*63, 2\*\*64 - 1\], the range torch.Generator.manual_seed takes, got "
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**64, -2**63 - 1], ids=str)
+def test_a_seed_out_of_the_generators_range(optimizer, seed):
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        sampler_over(optimizer, seed=seed)
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        DemoConfig(seed=seed)
+    with pytest.raises(ValueError, match=SEED_RANGE + str(seed)):
+        ProbeConfig(seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -2**63, -1], ids=str)
+def test_a_seed_at_the_ends_of_the_range_shuffles_every_epoch(optimizer, seed):
+    scheduler = make_scheduler(optimizer, Constant(25))
+    sampler = AdaptiveBatchSampler(100, scheduler, seed=seed)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        indices = [index for batch in sampler for index in batch]
+        for _ in range(4):
+            scheduler.step(25)
+        assert sorted(indices) == list(range(100))
+
+
+@pytest.mark.parametrize("make", [lambda seed: DemoConfig(seed=seed), lambda seed: ProbeConfig(seed=seed)],
+                         ids=["DemoConfig", "ProbeConfig"])
+@pytest.mark.parametrize("seed", [1.5, "0", None, True], ids=repr)
+def test_a_config_seed_must_be_an_integer(make, seed):
+    with pytest.raises(ValueError, match=f"seed must be an integer, got {re.escape(repr(seed))}"):
+        make(seed)
+
+
+# ------------------------------------------------- garbage refused where it is given
+@pytest.mark.parametrize("value", ["no", 1, 0, None, 1.0], ids=repr)
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("monotone", lambda value: Adaptive(monotone=value)),
+        ("accumulate", lambda value: BatchSizeConstraints(accumulate=value)),
+        ("global_floor", lambda value: BatchSizeConstraints(global_floor=value)),
+        ("progress", lambda value: DemoConfig(progress=value)),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_switches_must_be_bools(name, make, value):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got {re.escape(repr(value))}"):
+        make(value)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
+def test_shuffle_must_be_a_bool(optimizer, value):
+    with pytest.raises(ValueError, match=f"shuffle must be True or False, got {re.escape(repr(value))}"):
+        sampler_over(optimizer, shuffle=value)
+
+
+@pytest.mark.parametrize("switch", [True, False, np.bool_(True)], ids=repr)
+def test_switches_take_numpy_bools_and_keep_a_plain_bool(optimizer, switch):
+    assert Adaptive(monotone=switch).monotone is bool(switch)
+    assert sampler_over(optimizer, shuffle=switch).shuffle is bool(switch)
+
+
+@pytest.mark.parametrize("milestones", [5, 2.5, "10", None], ids=repr)
+def test_milestones_must_be_a_sequence(milestones):
+    message = f"milestones must be a sequence of numbers, got {re.escape(repr(milestones))}"
+    with pytest.raises(ValueError, match=message):
+        Step(start=32, milestones=milestones)
+
+
+@pytest.mark.parametrize("writer, kind", [("runs/demo", "str"), (object(), "object"), (None, "NoneType")])
+def test_a_writer_must_write_scalars(optimizer, writer, kind):
+    message = f"writer must have add_scalar and add_custom_scalars, as a SummaryWriter has; got {kind}"
+    with pytest.raises(TypeError, match=message):
+        TensorBoardLogger(writer)
+    if writer is not None:
+        with pytest.raises(TypeError, match=message):
+            make_scheduler(optimizer, writer=writer)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: DemoConfig(logdir=5), "logdir must be a path or None, got 5"),
+        (lambda: ProbeConfig(safety_margin=1.0), r"safety_margin must be a fraction in \[0, 1\), got 1.0"),
+        (lambda: ProbeConfig(safety_margin="0.1"), r"safety_margin must be a fraction in \[0, 1\), got '0.1'"),
+        (lambda: ProbeConfig(threads=np.float64(2)), "threads must be a positive integer, got"),
+        (lambda: Linear(start=8, end=16, length="1"), "length must be a positive finite number, got '1'"),
+        (lambda: Linear(start=8, end=16, length=1, begin="0"), "begin must be a non-negative finite number, got '0'"),
+        (lambda: Adaptive(hysteresis="0.1"), r"hysteresis must be in \[0, 1\), got '0.1'"),
+        (lambda: Adaptive(signal=["noise_scale"]),
+         r"signal must be one of \('noise_scale', 'norm_test'\), got \['noise_scale'\]"),
+        (lambda: EpochLayout(100, remainder=["wrap"]),
+         r"remainder must be one of \('balance', 'wrap', 'drop'\), got \['wrap'\]"),
+    ],
+    ids=lambda value: "",
+)
+def test_a_wrong_kind_of_value_is_refused_with_its_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: bn_safe_min_batch_size("resnet"), "model must be an nn.Module, got str"),
+        (lambda: bn_safe_min_batch_size(None), "model must be an nn.Module, got NoneType"),
+    ],
+    ids=lambda value: "",
+)
+def test_a_wrong_kind_of_object_is_refused_with_its_name(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("num_samples", [0, 2.5, "1000"], ids=repr)
+def test_the_generated_dataset_needs_a_positive_number_of_samples(num_samples):
+    with pytest.raises(ValueError, match=f"num_samples must be a positive integer, got {re.escape(repr(num_samples))}"):
+        make_mnist1d(num_samples)

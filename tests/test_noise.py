@@ -698,7 +698,7 @@ def test_scheduler_state_dict_carries_the_noise_statistics():
     scheduler, _ = train_at_fixed_parameters("train_step", 10, 0.9, batch_size=32)
     state = json.loads(json.dumps(scheduler.state_dict()))
     assert state["noise"] == scheduler.noise_meter.noise.state_dict()
-    assert state["schedule"] is None
+    assert state["schedule"] == {}  # a timetable's state: nothing
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
     fresh = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True, noise_decay=0.9)
     fresh.load_state_dict(state)

@@ -244,3 +244,34 @@ def test_linear_stays_between_start_and_end_and_never_shrinks(start, extra, leng
     schedule = Linear(start=start, end=start + extra, length=length, begin=begin)
     low, high = sorted(epochs)
     assert start <= schedule(at_epoch(low)) <= schedule(at_epoch(high)) <= start + extra
+
+
+# ------------------------------------------------------------------ the interface's defaults
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=describe)
+def test_a_timetable_has_the_interface_a_scheduler_calls(schedule):
+    """Every schedule answers what the scheduler asks, without probing for methods: a timetable
+    needs no noise, ignores the signals, starts at its size at progress 0, and has no state."""
+    epochs = (0, 1.5, 3)
+    before = [schedule(at_epoch(e)) for e in epochs]
+    assert schedule.needs_noise is False
+    start = Progress(samples=0, dataset_size=N)
+    assert schedule.initial_size(start) == schedule(start)
+    assert schedule.observe(start, 123.0, 60, 32, largest=1024.0) is None
+    assert schedule.observe(at_epoch(1.5), math.nan, 0, 32) is None
+    assert schedule.state_dict() == {}
+    assert schedule.load_state_dict({}) is None
+    assert [schedule(at_epoch(e)) for e in epochs] == before
+
+
+def test_the_default_state_dict_is_a_new_dict_each_time():
+    schedule = Step(start=32, milestones=[1])
+    state = schedule.state_dict()
+    state["size"] = 64
+    assert schedule.state_dict() == {}
+
+
+def test_the_adaptive_schedule_overrides_the_defaults():
+    adaptive = schedules.Adaptive(start=8)
+    assert adaptive.needs_noise is True
+    assert schedules.Schedule.needs_noise is False
+    assert adaptive.state_dict() != {}

@@ -1,4 +1,9 @@
-"""Batch-size schedules: pure functions from training progress to a global batch size."""
+"""Batch-size schedules: the global batch size to train at each point of training.
+
+The timetables (:class:`Constant`, :class:`Step`, :class:`Linear`, :class:`Geometric`,
+:class:`Lambda`) are functions of training progress. :class:`Adaptive` also depends on the
+gradient noise scale it is fed, and keeps its decisions as state that the scheduler checkpoints.
+"""
 
 from .adaptive import Adaptive
 from .base import Progress, Schedule, ScheduleFn

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
-from .base import Progress, Schedule, check_positive_int, check_positive_number
+from .._validation import (
+    check_bool, check_choice, check_fraction, check_integer, check_non_negative_int, check_non_negative_number,
+    check_positive_int, check_positive_number,
+)
+from .base import Progress, Schedule
 
 __all__ = ["Adaptive", "default_start_batch_size"]
 
@@ -33,12 +37,11 @@ class Adaptive(Schedule):
     * **Target.** ``target = start^(1 - exponent) · signal^exponent``: with the default
       exponent 0.25, a quarter of the way from the starting size to the signal in log scale
       (the noise scale rising 100-fold raises the batch about 3-fold). Larger exponents grow
-      faster and cost accuracy where large batches do: on MNIST-1D, 0.5 matched batch 32 with
-      the CNN but ended 1.4 points below it with an MLP (the README's Results). The signal is
-      the smoothed ``B_simple`` (``signal="noise_scale"``), or ``B_simple / θ²``
-      (``signal="norm_test"``): the smallest batch that passes the norm
-      test of Byrd et al. (2012) and Bollapragada et al. (2018), which asks that the variance
-      of the mini-batch gradient be at most ``θ²`` times its squared norm.
+      faster, and cost accuracy where large batches do. The signal is the smoothed
+      ``B_simple`` (``signal="noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``):
+      the smallest batch that passes the norm test of Byrd et al. (2012) and Bollapragada et
+      al. (2018), which asks that the variance of the mini-batch gradient be at most ``θ²``
+      times its squared norm.
     * **Decisions** are taken every ``interval`` optimizer steps, once ``warmup`` measurements
       have been averaged (by default the scheduler measures one step per 512 samples while
       batches are at most 64: 50 measurements are 25,600 samples), and only when the target
@@ -50,15 +53,14 @@ class Adaptive(Schedule):
     * **Learning rate.** Unless the scheduler is given another ``lr_scaling``, the learning
       rate follows AdaScale's gain (``lr_scaling="gain"``, Johnson et al. 2020; its square root
       for Adam-family optimizers), as AdaptDL pairs its batch sizes with it. At a constant
-      learning rate a larger batch anneals the gradient noise as a learning-rate decay would,
-      and growth on the noise scale's cue comes early: on MNIST-1D, this controller (with
-      exponent 0.5) at a constant learning rate reached the largest batch by epoch 4 and ended
-      0.4 points below batch 32 (``benchmarks/time_to_accuracy.py``). With the gain, each sample moves training
-      as far as at the starting size, and the batch size changes the throughput, not the
-      optimization.
+      learning rate a larger batch anneals the gradient noise as a learning-rate decay would
+      (Smith et al. 2018), and growth on the noise scale's cue comes early in training, so the
+      run would anneal early. With the gain, each sample moves training as far as at the
+      starting size, and the batch size changes the throughput, not the optimization.
 
-    The scheduler feeds it after each step (:meth:`observe`); its decisions are part of the
-    scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
+    Unlike a timetable it is not a function of progress alone: its size depends on the noise
+    scales it was fed after each step (:meth:`observe`), and its decisions are state, part of
+    the scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
     already prefetched by DataLoader workers (``prefetch_factor × num_workers`` of them at
     most) keep the size they were drawn with.
 
@@ -82,6 +84,11 @@ class Adaptive(Schedule):
     needs_noise = True
     default_lr_scaling = "gain"
 
+    _SIZE = "size"
+    _EPOCH = "epoch"
+    _EPOCH_BASE = "epoch_base"
+    _STEPS = "steps"
+
     def __init__(
         self,
         start: int | None = None,
@@ -96,9 +103,7 @@ class Adaptive(Schedule):
         monotone: bool = True,
     ) -> None:
         self.start = None if start is None else check_positive_int("start", start)
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
-        self.signal = signal
+        self.signal = check_choice("signal", signal, SIGNALS)
         self.theta = check_positive_number("theta", theta)
         self.exponent = check_positive_number("exponent", exponent)
         if self.exponent > 1:
@@ -106,20 +111,17 @@ class Adaptive(Schedule):
         self.growth_per_epoch = check_positive_number("growth_per_epoch", growth_per_epoch)
         if self.growth_per_epoch < 1:
             raise ValueError(f"growth_per_epoch must be at least 1, got {growth_per_epoch!r}")
-        if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
-            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
-        self.hysteresis = float(hysteresis)
+        self.hysteresis = check_fraction("hysteresis", hysteresis)
         self.interval = check_positive_int("interval", interval)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-        self.warmup = warmup
-        self.monotone = bool(monotone)
+        self.warmup = check_non_negative_int("warmup", warmup)
+        self.monotone = check_bool("monotone", monotone)
         self._size: float | None = None  # the current decision
         self._epoch = -1  # the epoch of the last decision
         self._epoch_base = 0.0  # the size when that epoch began
         self._steps = 0
 
     def initial_size(self, progress: Progress) -> float:
+        """``start``, or the default for the dataset's size: the size before the first decision."""
         return float(self.start if self.start is not None else default_start_batch_size(progress.dataset_size))
 
     def batch_size_at(self, progress: Progress) -> float:
@@ -163,10 +165,27 @@ class Adaptive(Schedule):
             self._size = target
 
     def state_dict(self) -> dict[str, Any]:
-        return {"size": self._size, "epoch": self._epoch, "epoch_base": self._epoch_base, "steps": self._steps}
+        """A new dict of the controller's decision and the bounds it keeps (the epoch of the last
+        decision, the size that epoch began at, the steps observed)."""
+        return {self._SIZE: self._size, self._EPOCH: self._epoch, self._EPOCH_BASE: self._epoch_base,
+                self._STEPS: self._steps}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._size = state_dict["size"]
-        self._epoch = int(state_dict["epoch"])
-        self._epoch_base = float(state_dict["epoch_base"])
-        self._steps = int(state_dict["steps"])
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: if a key is missing (as in the state of another schedule) or a value is
+                not one this controller could have saved.
+        """
+        for key in (self._SIZE, self._EPOCH, self._EPOCH_BASE, self._STEPS):
+            if key not in state_dict:
+                raise ValueError(f"Adaptive state_dict is missing {key!r}; was it saved with another schedule?")
+
+        def name(key: str) -> str:
+            return f"Adaptive state_dict[{key!r}]"
+
+        size = state_dict[self._SIZE]
+        self._size = None if size is None else check_positive_number(name(self._SIZE), size)
+        self._epoch = check_integer(name(self._EPOCH), state_dict[self._EPOCH], -1)
+        self._epoch_base = check_non_negative_number(name(self._EPOCH_BASE), state_dict[self._EPOCH_BASE])
+        self._steps = check_non_negative_int(name(self._STEPS), state_dict[self._STEPS])

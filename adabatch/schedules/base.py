@@ -1,20 +1,25 @@
-"""The schedule interface: a batch size as a pure function of training progress.
+"""The schedule interface: the global batch size at a point of training.
 
-A schedule answers one question: how large should the global batch be at this point
-of training? It never accumulates state by multiplying the previous value; given the same
-:class:`Progress` it returns the same size, so a run that is stopped and resumed sees the
-same sizes as one that was not.
+A schedule answers one question: how large should the global batch be at this point of
+training? A timetable answers from :class:`Progress` alone, in closed form, never by
+multiplying the previous value: given the same progress it returns the same size, so a run
+that is stopped and resumed sees the same sizes as one that was not. An adaptive schedule
+also depends on the signals it was fed (:meth:`Schedule.observe`); what it learned from them
+is its state, which the scheduler's checkpoint carries (:meth:`Schedule.state_dict`), so a
+resumed run continues from the same decisions.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping
 
-__all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int", "check_unit"]
+# Re-exported: adabatch.scheduler imports it from here.
+from .._validation import check_positive_int
+
+__all__ = ["Progress", "Schedule", "ScheduleFn", "UNITS", "check_positive_int"]
 
 #: Units in which a schedule's milestones and lengths may be given.
 UNITS = ("epoch", "sample")
@@ -61,6 +66,11 @@ class Schedule(abc.ABC):
     Subclasses implement :meth:`batch_size_at`; the result may be fractional, and is rounded
     and bounded by :class:`~adabatch.constraints.BatchSizeConstraints`, never here.
 
+    A scheduler calls the rest of the interface on every schedule, and the defaults here are a
+    timetable's: it needs no measurement of the gradient noise (:attr:`needs_noise`), ignores the
+    signals (:meth:`observe`), starts at its own size (:meth:`initial_size`) and has nothing to
+    checkpoint (:meth:`state_dict`, :meth:`load_state_dict`). An adaptive schedule overrides them.
+
     :attr:`default_lr_scaling` is the learning-rate rule a
     :class:`~adabatch.BatchSizeScheduler` uses with this schedule when its ``lr_scaling`` is
     not given: ``"none"`` for timetables (growing the batch anneals the gradient noise, as
@@ -69,6 +79,8 @@ class Schedule(abc.ABC):
 
     #: The ``lr_scaling`` a scheduler uses with this schedule by default.
     default_lr_scaling = "none"
+    #: Whether the scheduler must measure the gradient noise scale for :meth:`observe`.
+    needs_noise: bool = False
 
     @abc.abstractmethod
     def batch_size_at(self, progress: Progress) -> float:
@@ -77,38 +89,32 @@ class Schedule(abc.ABC):
     def __call__(self, progress: Progress) -> float:
         return self.batch_size_at(progress)
 
+    def initial_size(self, progress: Progress) -> float:
+        """The size asked for before training has fed the schedule any signal: the reference
+        for the learning-rate rules. A timetable's size at ``progress``."""
+        return self(progress)
+
+    def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
+                largest: float = math.inf) -> None:
+        """Take in the signals measured after an optimizer step. A timetable ignores them.
+
+        Args:
+            progress (Progress): where training stands.
+            noise_scale (float): the smoothed gradient noise scale ``B_simple``.
+            measured_steps (int): steps the noise statistics have averaged.
+            current (int): the batch size trained now, after the constraints.
+            largest (float): the largest batch size the constraints allow now. Default: unbounded.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """A new dict of what the schedule learned from the signals it observed, for the
+        scheduler's checkpoint: empty for a timetable, whose sizes follow from progress alone."""
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; a timetable has nothing to restore."""
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` as an int if it is a positive integer (NumPy's included), else raise a
-    ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_positive_number(name: str, value: object) -> float:
-    """Return ``value`` as a float if it is a positive finite real number, else raise a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def check_unit(unit: object) -> str:
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    return unit  # type: ignore[return-value]
-
-
-def check_milestones(milestones: Sequence[float]) -> list[float]:
-    """Milestones must be positive and strictly increasing."""
-    values = list(milestones)
-    for value in values:
-        check_positive_number("each milestone", value)
-    for earlier, later in zip(values, values[1:]):
-        if later <= earlier:
-            raise ValueError(f"milestones must be strictly increasing, got {values!r}")
-    return values

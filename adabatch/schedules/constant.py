@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Progress, Schedule, check_positive_int
+from .._validation import check_positive_int
+from .base import Progress, Schedule
 
 __all__ = ["Constant"]
 
@@ -20,10 +21,6 @@ class Constant(Schedule):
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = check_positive_int("batch_size", batch_size)
-
-    @property
-    def start(self) -> int:
-        return self.batch_size
 
     def batch_size_at(self, progress: Progress) -> float:
         return float(self.batch_size)

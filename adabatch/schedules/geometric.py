@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .base import Progress, Schedule, check_positive_int, check_positive_number, check_unit
+from .._validation import check_choice, check_positive_int, check_positive_number
+from .base import UNITS, Progress, Schedule
 
 __all__ = ["Geometric"]
 
@@ -40,10 +41,10 @@ class Geometric(Schedule):
         if self.factor <= 1:
             raise ValueError(f"factor must be greater than 1, got {factor!r}")
         self.every = check_positive_number("every", every)
-        self.unit = check_unit(unit)
+        self.unit = check_choice("unit", unit, UNITS)
         if end is not None:
-            check_positive_int("end", end)
-            if end < start:
+            end = check_positive_int("end", end)
+            if end < self.start:
                 raise ValueError(f"end must be at least start ({start}), got {end}")
         self.end = end
 

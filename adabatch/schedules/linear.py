@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
-from .base import Progress, Schedule, check_positive_int, check_positive_number, check_unit
+from .._validation import check_choice, check_non_negative_number, check_positive_int, check_positive_number
+from .base import UNITS, Progress, Schedule
 
 __all__ = ["Linear"]
 
@@ -35,13 +33,11 @@ class Linear(Schedule):
     def __init__(self, start: int, end: int, length: float, unit: str = "epoch", begin: float = 0.0) -> None:
         self.start = check_positive_int("start", start)
         self.end = check_positive_int("end", end)
-        if end < start:
+        if self.end < self.start:
             raise ValueError(f"end must be at least start ({start}), got {end}")
         self.length = check_positive_number("length", length)
-        self.unit = check_unit(unit)
-        if isinstance(begin, bool) or not isinstance(begin, numbers.Real) or not math.isfinite(begin) or begin < 0:
-            raise ValueError(f"begin must be a non-negative finite number, got {begin!r}")
-        self.begin = float(begin)
+        self.unit = check_choice("unit", unit, UNITS)
+        self.begin = check_non_negative_number("begin", begin)
 
     def batch_size_at(self, progress: Progress) -> float:
         fraction = (progress.in_unit(self.unit) - self.begin) / self.length

@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 from typing import Sequence
 
-from .base import Progress, Schedule, check_milestones, check_positive_int, check_positive_number, check_unit
+from .._validation import check_choice, check_milestones, check_positive_int, check_positive_number
+from .base import UNITS, Progress, Schedule
 
 __all__ = ["Step"]
 
@@ -33,7 +34,7 @@ class Step(Schedule):
         self.start = check_positive_int("start", start)
         self.factor = check_positive_number("factor", factor)
         self.milestones = check_milestones(milestones)
-        self.unit = check_unit(unit)
+        self.unit = check_choice("unit", unit, UNITS)
 
     def batch_size_at(self, progress: Progress) -> float:
         passed = bisect.bisect_right(self.milestones, progress.in_unit(self.unit))
