@@ -22,12 +22,12 @@ from torch import nn
 from adabatch import BatchSizeConstraints, BatchSizeScheduler, schedules
 from adabatch.memory import (
     BatchSizeFloorError,
-    FakeMemory,
     MemoryCap,
     MemoryModel,
     default_memory_device,
     is_out_of_memory,
 )
+from adabatch.testing import FakeMemory
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -31,14 +31,8 @@ from torch import nn
 from adabatch import BatchSizeScheduler, schedules
 from adabatch.cli import main
 from adabatch.demo import build_model
-from adabatch.memory import (
-    BatchSizeFloorError,
-    CurvedFakeMemory,
-    FakeMemory,
-    MemoryCap,
-    ProbeResult,
-    probe_memory,
-)
+from adabatch.memory import BatchSizeFloorError, MemoryCap, ProbeResult, probe_memory
+from adabatch.testing import CurvedFakeMemory, FakeMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

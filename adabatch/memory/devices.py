@@ -1,0 +1,116 @@
+"""The devices whose memory is measured, and how an allocation that failed is recognised.
+
+A :class:`MemoryDevice` reads a step's peak memory and the memory this process may hold;
+:class:`CudaMemory` reads them through ``torch.cuda`` (this package is the only part of
+adabatch that touches it). :func:`is_out_of_memory` tells an out-of-memory error of any backend
+from other errors.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+
+import torch
+
+__all__ = [
+    "CudaMemory",
+    "MemoryDevice",
+    "OUT_OF_MEMORY_MESSAGES",
+    "OutOfMemoryError",
+    "accelerator_memory",
+    "default_memory_device",
+    "is_out_of_memory",
+]
+
+logger = logging.getLogger("adabatch")
+
+#: The exception CUDA (and the simulated devices of :mod:`adabatch.testing`) raise when an
+#: allocation fails.
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+#: Messages by which other backends and libraries report a failed allocation in a RuntimeError.
+OUT_OF_MEMORY_MESSAGES = (
+    "out of memory",  # CUDA, HIP/ROCm, XPU: "... out of memory. Tried to allocate ..."
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "can't allocate memory",  # the CPU allocator
+    "MPS backend out of memory",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` reports that an allocation failed on some backend (or in the host's
+    memory: Python's ``MemoryError``)."""
+    if isinstance(error, (OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES)
+
+
+class MemoryDevice(abc.ABC):
+    """The memory of the device a model trains on, as the scheduler sees it."""
+
+    @abc.abstractmethod
+    def reset_peak(self) -> None:
+        """Start a new peak measurement."""
+
+    @abc.abstractmethod
+    def peak_bytes(self) -> int:
+        """The most memory held since :meth:`reset_peak`."""
+
+    @abc.abstractmethod
+    def available_bytes(self) -> int:
+        """How much memory this process may hold in all."""
+
+    def release_cached(self) -> None:
+        """Give cached, unused blocks back to the device (after an out-of-memory error)."""
+
+
+class CudaMemory(MemoryDevice):
+    """A CUDA device's memory, read through ``torch.cuda``.
+
+    This process may hold the device's free memory plus what PyTorch's caching allocator
+    already reserves. Memory that other processes take after it is read is not foreseen.
+
+    Args:
+        device (torch.device or int, optional): the CUDA device. Default: the current one.
+    """
+
+    def __init__(self, device: torch.device | int | None = None):
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def available_bytes(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free + torch.cuda.memory_reserved(self.device))
+
+    def release_cached(self) -> None:
+        torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        return f"CudaMemory(device={self.device})"
+
+
+def default_memory_device(optimizer: torch.optim.Optimizer) -> MemoryDevice | None:
+    """A :class:`CudaMemory` for the CUDA device the optimizer's parameters live on, or
+    ``None`` (no memory capping) with one info message if they are not on a CUDA device."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.device.type == "cuda":
+                return CudaMemory(parameter.device)
+    logger.info("adabatch: the parameters are not on a CUDA device; the batch size is not capped by memory")
+    return None
+
+
+def accelerator_memory() -> CudaMemory | None:
+    """A :class:`CudaMemory` for the current CUDA device, or ``None`` if there is none.
+
+    Command lines and scripts ask here rather than ``torch.cuda``, so that this package stays
+    the only part of adabatch that touches it; ``memory.device`` is where to move the model.
+    """
+    return CudaMemory() if torch.cuda.is_available() else None
