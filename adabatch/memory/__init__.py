@@ -34,6 +34,7 @@ from .devices import (
     MemoryDevice,
     OutOfMemoryError,
     accelerator_memory,
+    catch_out_of_memory,
     default_memory_device,
     is_out_of_memory,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PROBE_TOLERANCE",
     "ProbeResult",
     "accelerator_memory",
+    "catch_out_of_memory",
     "default_memory_device",
     "is_out_of_memory",
     "measure_step",

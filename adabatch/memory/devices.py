@@ -3,13 +3,15 @@
 A :class:`MemoryDevice` reads a step's peak memory and the memory this process may hold;
 :class:`CudaMemory` reads them through ``torch.cuda`` (this package is the only part of
 adabatch that touches it). :func:`is_out_of_memory` tells an out-of-memory error of any backend
-from other errors.
+from other errors, and :class:`catch_out_of_memory` is the one place that suppresses one.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+from types import TracebackType
+from typing import Callable
 
 import torch
 
@@ -19,6 +21,7 @@ __all__ = [
     "OUT_OF_MEMORY_MESSAGES",
     "OutOfMemoryError",
     "accelerator_memory",
+    "catch_out_of_memory",
     "default_memory_device",
     "is_out_of_memory",
 ]
@@ -45,6 +48,49 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES)
+
+
+class catch_out_of_memory:  # lower case: it reads as a statement, like contextlib.suppress
+    """Suppress an out-of-memory error raised in the block; :attr:`caught` tells whether one was.
+
+    An error is out of memory when :func:`is_out_of_memory` says so; every other error
+    propagates. The context manager keeps neither the error nor its traceback, so the tensors
+    that the failed attempt held are freed when the block exits, before any clean-up or retry
+    that follows it.
+
+    Args:
+        propagate (callable, optional): called when an out-of-memory error is raised in the
+            block; if it returns ``True``, the error propagates (and :attr:`caught` stays
+            ``False``), for a caller that cannot retry at that point. Default: ``None``, every
+            out-of-memory error is suppressed.
+
+    Example:
+        >>> with catch_out_of_memory() as out_of_memory:
+        ...     loss_fn(make_batch(batch_size)).backward()
+        >>> if out_of_memory.caught:
+        ...     memory.release_cached()
+    """
+
+    def __init__(self, propagate: Callable[[], bool] | None = None) -> None:
+        self.propagate = propagate
+        #: Whether an out-of-memory error was raised in the block and suppressed.
+        self.caught = False
+
+    def __enter__(self) -> catch_out_of_memory:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None or not is_out_of_memory(exc):
+            return False
+        if self.propagate is not None and self.propagate():
+            return False
+        self.caught = True
+        return True
 
 
 class MemoryDevice(abc.ABC):

@@ -18,7 +18,7 @@ import numpy
 import torch
 
 from .cap import DEFAULT_SAFETY_MARGIN, BatchSizeFloorError, MemoryCap, MemoryModel, _check_margin
-from .devices import MemoryDevice, is_out_of_memory
+from .devices import MemoryDevice, catch_out_of_memory
 
 __all__ = ["DEFAULT_MAX_PROBE_STEPS", "PROBE_TOLERANCE", "ProbeResult", "measure_step", "probe_memory"]
 
@@ -148,17 +148,11 @@ def measure_step(
     """
     optimizer.zero_grad(set_to_none=True)
     device.reset_peak()
-    failed = False
-    try:
+    with catch_out_of_memory() as out_of_memory:
         loss_fn(make_batch(batch_size)).backward()
         optimizer.step()
-    except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
-        if not is_out_of_memory(error):
-            raise
-        failed = True
-    # Outside the except clause: the error's traceback no longer pins the attempt's tensors.
     optimizer.zero_grad(set_to_none=True)
-    if failed:
+    if out_of_memory.caught:
         device.release_cached()
         return None
     return device.peak_bytes()
