@@ -8,11 +8,12 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy
 import torch
@@ -64,62 +65,6 @@ class ProbeResult:
         values["peaks"] = {str(size): peak for size, peak in self.peaks.items()}
         values["attempts"] = [list(attempt) for attempt in self.attempts]
         return values
-
-
-def _to_cpu(value: Any) -> Any:
-    """A copy of ``value`` with every tensor copied to the CPU, so a saved state holds no device memory."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(_to_cpu(item) for item in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return copy.deepcopy(value)
-
-
-class _SavedTrainingState:
-    """Everything a probe step changes, copied to the CPU: parameters, buffers, training flags,
-    optimizer state and the random number generators (torch, CUDA, Python, NumPy). Where CUDA
-    is available, reading its generators initialises it."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.tensors = {name: _to_cpu(tensor) for name, tensor in self._named_tensors()}
-        self.training = {name: module.training for name, module in model.named_modules()}
-        self.optimizer_state = _to_cpu(optimizer.state_dict())
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.python_rng = random.getstate()
-        self.numpy_rng = numpy.random.get_state()
-
-    def _named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        parameters = [("parameter:" + name, p) for name, p in self.model.named_parameters(remove_duplicate=False)]
-        buffers = [("buffer:" + name, b) for name, b in self.model.named_buffers(remove_duplicate=False)]
-        return parameters + buffers
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        # In place, so that the optimizer and the caller keep the same tensor objects.
-        for name, tensor in self._named_tensors():
-            tensor.copy_(self.tensors[name])
-        for name, module in self.model.named_modules():
-            module.training = self.training[name]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.load_state_dict(self.optimizer_state)
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        random.setstate(self.python_rng)
-        numpy.random.set_state(self.numpy_rng)
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in the optimizer's state (moments, momentum buffers)."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if isinstance(value, torch.Tensor))
 
 
 def measure_step(
@@ -258,73 +203,96 @@ def probe_memory(
         raise ValueError(f"max_batch_size must be an integer of at least min_batch_size ({min_batch_size}) or "
                          f"None, got {max_batch_size!r}")
     margin = _check_margin(safety_margin)
-    upper = math.inf if max_batch_size is None else max_batch_size
 
-    saved = _SavedTrainingState(model, optimizer)
-    try:
+    with _preserved_training_state(model, optimizer):
         model.train()
         optimizer.zero_grad(set_to_none=True)  # gradients left from before would count as fixed memory
         available = device.available_bytes()
-        memory_model = MemoryModel()
-        attempts: list[tuple[int, int | None]] = []
+        steps = _ProbeSteps(optimizer, make_batch, loss_fn, device)
+        _measure_floor(steps, min_batch_size)
+        cap = _search_cap(steps, available, margin, min_batch_size, max_batch_size, max_probe_steps)
+        return _probe_result(steps, cap, available, margin)
 
-        def attempt(batch_size: int) -> int | None:
-            peak = measure_step(optimizer, make_batch, loss_fn, batch_size, device=device)
-            attempts.append((batch_size, peak))
-            if peak is not None:
-                memory_model.record(batch_size, peak)
-            return peak
 
-        state_bytes = _optimizer_state_bytes(optimizer)
-        fitted = attempt(min_batch_size) is not None
-        if fitted and _optimizer_state_bytes(optimizer) > state_bytes:
-            # The step created the optimizer's state after its peak; measure the floor again
-            # with the state held, as every later step holds it (the larger peak is kept).
-            fitted = attempt(min_batch_size) is not None
-        if not fitted:
-            raise BatchSizeFloorError(
-                f"a micro-batch of {min_batch_size} samples (min_batch_size) ran out of memory while probing "
-                f"{device!r}; the model does not fit at the floor: lower min_batch_size, shrink the model or "
-                f"its inputs, or free memory on the device"
-            )
-        if not memory_model.peaks:
-            raise RuntimeError(
-                f"{device!r} measured no memory for a training step of {min_batch_size} samples; a FakeMemory "
-                f"must be attached to the model (FakeMemory.attach), a CudaMemory must be the device the model is on"
-            )
-        largest_fitted = min_batch_size
-        smallest_failed: int | None = None
-        failures_in_a_row = 0
-        while True:
-            target = _next_probe_size(memory_model, available, margin, largest_fitted, smallest_failed,
-                                      failures_in_a_row)
-            target = int(min(target, upper))
-            if target <= largest_fitted:
-                cap = max(target, min_batch_size)
-                break
-            if target <= largest_fitted * (1 + PROBE_TOLERANCE) or len(attempts) >= max_probe_steps:
-                cap = largest_fitted
-                break
-            if attempt(target) is None:
-                smallest_failed = target
-                failures_in_a_row += 1
-            else:
-                largest_fitted = target
-                failures_in_a_row = 0
-        fixed, per_sample = memory_model.fit()  # type: ignore[misc]
-        return ProbeResult(
-            cap=cap,
-            probe_steps=len(attempts),
-            out_of_memory_errors=sum(peak is None for _, peak in attempts),
-            fixed_bytes=fixed,
-            per_sample_bytes=per_sample,
-            peaks=dict(memory_model.peaks),
-            available_bytes=available,
-            safety_margin=margin,
-            attempts=attempts,
+class _ProbeSteps:
+    """The training steps a probe takes, and the line fitted to the peaks of those that fitted."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, make_batch: Callable[[int], Any],
+                 loss_fn: Callable[[Any], torch.Tensor], device: MemoryDevice) -> None:
+        self.optimizer = optimizer
+        self.make_batch = make_batch
+        self.loss_fn = loss_fn
+        self.device = device
+        self.memory_model = MemoryModel()
+        #: ``(micro_batch_size, peak_bytes)`` of each step in order, ``None`` for one that ran out of memory.
+        self.attempts: list[tuple[int, int | None]] = []
+
+    def take(self, batch_size: int) -> bool:
+        """Take one step of ``batch_size`` samples, record its peak, and return whether it fitted."""
+        peak = measure_step(self.optimizer, self.make_batch, self.loss_fn, batch_size, device=self.device)
+        self.attempts.append((batch_size, peak))
+        if peak is not None:
+            self.memory_model.record(batch_size, peak)
+        return peak is not None
+
+
+def _measure_floor(steps: _ProbeSteps, min_batch_size: int) -> None:
+    """Measure the peak at ``min_batch_size`` with the optimizer's state held, or raise."""
+    state_bytes = _optimizer_state_bytes(steps.optimizer)
+    fitted = steps.take(min_batch_size)
+    if fitted and _optimizer_state_bytes(steps.optimizer) > state_bytes:
+        # The step created the optimizer's state after its peak; measure the floor again
+        # with the state held, as every later step holds it (the larger peak is kept).
+        fitted = steps.take(min_batch_size)
+    if not fitted:
+        raise BatchSizeFloorError(
+            f"a micro-batch of {min_batch_size} samples (min_batch_size) ran out of memory while probing "
+            f"{steps.device!r}; the model does not fit at the floor: lower min_batch_size, shrink the model or "
+            f"its inputs, or free memory on the device"
         )
-    finally:
-        saved.restore()
+    if not steps.memory_model.peaks:
+        raise RuntimeError(
+            f"{steps.device!r} measured no memory for a training step of {min_batch_size} samples; a FakeMemory "
+            f"must be attached to the model (FakeMemory.attach), a CudaMemory must be the device the model is on"
+        )
+
+
+def _search_cap(steps: _ProbeSteps, available: int, margin: float, min_batch_size: int,
+                max_batch_size: int | None, max_probe_steps: int) -> int:
+    """Step at the sizes :func:`_next_probe_size` chooses until it settles, and return the cap."""
+    upper = math.inf if max_batch_size is None else max_batch_size
+    largest_fitted = min_batch_size
+    smallest_failed: int | None = None
+    failures_in_a_row = 0
+    while True:
+        target = _next_probe_size(steps.memory_model, available, margin, largest_fitted, smallest_failed,
+                                  failures_in_a_row)
+        target = int(min(target, upper))
+        if target <= largest_fitted:
+            return max(target, min_batch_size)
+        if target <= largest_fitted * (1 + PROBE_TOLERANCE) or len(steps.attempts) >= max_probe_steps:
+            return largest_fitted
+        if steps.take(target):
+            largest_fitted = target
+            failures_in_a_row = 0
+        else:
+            smallest_failed = target
+            failures_in_a_row += 1
+
+
+def _probe_result(steps: _ProbeSteps, cap: int, available: int, margin: float) -> ProbeResult:
+    fixed, per_sample = steps.memory_model.fit()  # type: ignore[misc]
+    return ProbeResult(
+        cap=cap,
+        probe_steps=len(steps.attempts),
+        out_of_memory_errors=sum(peak is None for _, peak in steps.attempts),
+        fixed_bytes=fixed,
+        per_sample_bytes=per_sample,
+        peaks=dict(steps.memory_model.peaks),
+        available_bytes=available,
+        safety_margin=margin,
+        attempts=steps.attempts,
+    )
 
 
 def _next_probe_size(
@@ -370,3 +338,62 @@ def _next_probe_size(
     share = (budget - fitted_peak) / (available - fitted_peak)
     interpolated = largest_fitted + math.floor(share * (smallest_failed - largest_fitted))
     return min(predicted, interpolated, smallest_failed - 1)
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer's state (moments, momentum buffers)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor))
+
+
+@contextlib.contextmanager
+def _preserved_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Give back, when the block exits (also by an error), everything a probe step changes.
+
+    That is the parameters and buffers (in place, so that the optimizer and the caller keep the
+    same tensor objects), the modules' training flags, the optimizer state and the random number
+    generators (torch, CUDA, Python, NumPy); the gradients are set to ``None``. The copies are
+    kept on the CPU, so that they hold no device memory. Where CUDA is available, reading its
+    generators initialises it.
+    """
+    tensors = {name: _to_cpu(tensor) for name, tensor in _named_tensors(model)}
+    training = {name: module.training for name, module in model.named_modules()}
+    optimizer_state = _to_cpu(optimizer.state_dict())
+    torch_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    python_rng = random.getstate()
+    numpy_rng = numpy.random.get_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in _named_tensors(model):
+                tensor.copy_(tensors[name])
+            for name, module in model.named_modules():
+                module.training = training[name]
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.load_state_dict(optimizer_state)
+            torch.set_rng_state(torch_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            random.setstate(python_rng)
+            numpy.random.set_state(numpy_rng)
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    parameters = [("parameter:" + name, p) for name, p in model.named_parameters(remove_duplicate=False)]
+    buffers = [("buffer:" + name, b) for name, b in model.named_buffers(remove_duplicate=False)]
+    return parameters + buffers
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of ``value`` with every tensor copied to the CPU, so a saved state holds no device memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_to_cpu(item) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return copy.deepcopy(value)
