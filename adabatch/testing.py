@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_non_negative_int, check_positive_int
 from .memory.devices import MemoryDevice, OutOfMemoryError
 
 __all__ = ["CurvedFakeMemory", "FakeMemory"]
@@ -39,13 +40,9 @@ class FakeMemory(MemoryDevice):
     """
 
     def __init__(self, capacity: int, fixed: int, per_sample: int):
-        for name, value in (("capacity", capacity), ("fixed", fixed), ("per_sample", per_sample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "fixed" else 0):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'fixed' else 'positive'} integer, "
-                                 f"got {value!r}")
-        self.capacity = capacity
-        self.fixed = fixed
-        self.per_sample = per_sample
+        self.capacity = check_positive_int("capacity", capacity)
+        self.fixed = check_non_negative_int("fixed", fixed)
+        self.per_sample = check_positive_int("per_sample", per_sample)
         self.steps = 0  # allocations attempted, the unit of probing cost
         self.out_of_memory_errors = 0
         self._peak = 0
@@ -110,9 +107,7 @@ class CurvedFakeMemory(FakeMemory):
 
     def __init__(self, capacity: int, fixed: int, per_sample: int, per_sample_squared: int) -> None:
         super().__init__(capacity, fixed, per_sample)
-        if isinstance(per_sample_squared, bool) or not isinstance(per_sample_squared, int) or per_sample_squared < 0:
-            raise ValueError(f"per_sample_squared must be a non-negative integer, got {per_sample_squared!r}")
-        self.per_sample_squared = per_sample_squared
+        self.per_sample_squared = check_non_negative_int("per_sample_squared", per_sample_squared)
 
     def peak_for(self, batch_size: int) -> int:
         return self.fixed + self.per_sample * batch_size + self.per_sample_squared * batch_size**2

@@ -15,6 +15,7 @@ import warnings
 import weakref
 from typing import Callable
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, settings
@@ -275,6 +276,12 @@ def test_attached_fake_device_sees_every_forward_pass():
 def test_fake_device_validates_its_arguments(arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         FakeMemory(**{**dict(capacity=1000, fixed=0, per_sample=1), **arguments})
+
+
+def test_fake_device_takes_numpy_integers_as_plain_ones():
+    fake = FakeMemory(capacity=numpy.int64(1000), fixed=numpy.int32(0), per_sample=numpy.uint8(8))
+    assert (fake.capacity, fake.fixed, fake.per_sample) == (1000, 0, 8)
+    assert all(type(value) is int for value in (fake.capacity, fake.fixed, fake.per_sample))
 
 
 # --------------------------------------------------------------------------- out-of-memory errors

@@ -317,6 +317,14 @@ def test_bad_arguments_name_the_parameter(kwargs, message):
     assert trainer.device.steps == 0
 
 
+def test_numpy_integers_are_taken_as_plain_ones():
+    plain = Trainer(linear_device(0.05, 1_000)).probe(min_batch_size=2, max_batch_size=50, max_probe_steps=12)
+    from_numpy = Trainer(linear_device(0.05, 1_000)).probe(
+        min_batch_size=numpy.int64(2), max_batch_size=numpy.int32(50), max_probe_steps=numpy.int64(12))
+    assert from_numpy == plain
+    assert type(from_numpy.cap) is int and all(type(size) is int for size, _ in from_numpy.attempts)
+
+
 def test_device_must_be_a_memory_device():
     trainer = Trainer(linear_device(0.1, 100))
     with pytest.raises(TypeError, match="device must be a MemoryDevice, got str"):

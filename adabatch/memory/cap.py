@@ -12,6 +12,7 @@ import math
 import statistics
 from typing import Any
 
+from .._validation import check_fraction
 from .devices import MemoryDevice
 
 __all__ = ["BatchSizeFloorError", "DEFAULT_SAFETY_MARGIN", "MemoryCap", "MemoryModel"]
@@ -22,10 +23,7 @@ DEFAULT_SAFETY_MARGIN = 0.10
 
 
 def _check_margin(safety_margin: float) -> float:
-    if isinstance(safety_margin, bool) or not isinstance(safety_margin, (int, float)) \
-            or not 0 <= safety_margin < 1:
-        raise ValueError(f"safety_margin must be a fraction in [0, 1), got {safety_margin!r}")
-    return float(safety_margin)
+    return check_fraction("safety_margin", safety_margin, what="a fraction in [0, 1)")
 
 
 class MemoryModel:

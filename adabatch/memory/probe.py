@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy
 import torch
 
+from .._validation import check_integer, check_positive_int
 from .cap import DEFAULT_SAFETY_MARGIN, BatchSizeFloorError, MemoryCap, MemoryModel, _check_margin
 from .devices import MemoryDevice, catch_out_of_memory
 
@@ -195,13 +196,11 @@ def probe_memory(
     """
     if not isinstance(device, MemoryDevice):
         raise TypeError(f"device must be a MemoryDevice, got {type(device).__name__}")
-    for name, value in (("min_batch_size", min_batch_size), ("max_probe_steps", max_probe_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                       or max_batch_size < min_batch_size):
-        raise ValueError(f"max_batch_size must be an integer of at least min_batch_size ({min_batch_size}) or "
-                         f"None, got {max_batch_size!r}")
+    min_batch_size = check_positive_int("min_batch_size", min_batch_size)
+    max_probe_steps = check_positive_int("max_probe_steps", max_probe_steps)
+    if max_batch_size is not None:
+        max_batch_size = check_integer("max_batch_size", max_batch_size, min_batch_size,
+                                       what=f"an integer of at least min_batch_size ({min_batch_size}) or None")
     margin = _check_margin(safety_margin)
 
     with _preserved_training_state(model, optimizer):
