@@ -43,7 +43,9 @@ class ProbeResult:
         fixed_bytes (float): the fitted memory a step holds whatever the batch.
         per_sample_bytes (float): the fitted memory each sample of a micro-batch adds.
         peaks (dict): ``{micro_batch_size: peak_bytes}`` of the steps that fitted; pass them to
-            ``scheduler.memory.add_measurements`` to start training with the cap known.
+            ``scheduler.add_memory_measurements(result.peaks)`` to start training with the cap
+            known (the scheduler agrees on the cap across ranks and hands it to its
+            constraints, so that the first batches drawn are capped).
         available_bytes (int): the memory this process could hold when the probe began.
         safety_margin (float): the fraction of the room above ``fixed_bytes`` the cap keeps free.
         attempts (list): ``(micro_batch_size, peak_bytes)`` of each step in order,
@@ -144,8 +146,8 @@ def probe_memory(
     ceiling (whose peak was at least the memory available) to the same margin. Each is
     verified in turn, so the cap is always a size that fitted or below one. Where the line
     holds, the probe takes 3 steps, 4 with a fresh optimizer that keeps state (SGD with
-    momentum, Adam), 2 or 3 when the fixed cost is nil; a peak 30% above the line at the wall
-    costs 2 failed steps more.
+    momentum, Adam), 2 or 3 when the fixed cost is nil; where the peak bends above the line,
+    each step that runs out of memory costs one step more.
 
     The parameters and buffers (BatchNorm's running statistics too), the modules' training
     flags, the optimizer state and the random number generators (torch's CPU and CUDA
