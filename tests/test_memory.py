@@ -11,8 +11,11 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
 import warnings
 import weakref
+from pathlib import Path
 from typing import Callable
 
 import numpy
@@ -23,6 +26,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adabatch import BatchSizeConstraints, BatchSizeScheduler, schedules
+import adabatch.memory
+import adabatch.testing
 from adabatch.memory import (
     BatchSizeFloorError,
     MemoryCap,
@@ -33,6 +38,8 @@ from adabatch.memory import (
     measure_step,
 )
 from adabatch.testing import FakeMemory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -282,6 +289,24 @@ def test_fake_device_takes_numpy_integers_as_plain_ones():
     fake = FakeMemory(capacity=numpy.int64(1000), fixed=numpy.int32(0), per_sample=numpy.uint8(8))
     assert (fake.capacity, fake.fixed, fake.per_sample) == (1000, 0, 8)
     assert all(type(value) is int for value in (fake.capacity, fake.fixed, fake.per_sample))
+
+
+def test_the_simulated_devices_are_the_same_classes_from_adabatch_memory():
+    from adabatch.memory import CurvedFakeMemory, FakeMemory as FakeMemoryFromMemory
+
+    assert FakeMemoryFromMemory is adabatch.testing.FakeMemory is adabatch.memory.FakeMemory
+    assert CurvedFakeMemory is adabatch.testing.CurvedFakeMemory is adabatch.memory.CurvedFakeMemory
+    for name in ("FakeMemory", "CurvedFakeMemory"):
+        assert name in dir(adabatch.memory) and name in adabatch.memory.__all__
+
+
+def test_adabatch_imports_no_simulated_device_and_the_testing_module_imports_on_its_own():
+    code = ("import sys, adabatch, adabatch.memory; assert 'adabatch.testing' not in sys.modules; "
+            "import adabatch.testing; from adabatch.memory import FakeMemory; "
+            "assert FakeMemory is adabatch.testing.FakeMemory")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               check=False, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
 
 
 # --------------------------------------------------------------------------- out-of-memory errors
