@@ -6,7 +6,7 @@ line ``peak(b) = fixed + per_sample * b`` to their peak memory, and verifies the
 with one more step. It probes the current CUDA device; on a machine without one it says so
 and probes nothing, unless a simulated device is described (``--fake-capacity``,
 ``--fake-fixed``, ``--fake-per-sample``): the model then trains on the CPU and a
-:class:`~adabatch.memory.FakeMemory` attached to it raises the out-of-memory errors, through the
+:class:`~adabatch.testing.FakeMemory` attached to it raises the out-of-memory errors, through the
 same code path. A simulated device also knows the true largest micro-batch, so the report
 gives the ratio of the cap to it.
 """
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ._validation import check_fraction, check_positive_int, check_seed
 from .constraints import bn_safe_min_batch_size
 from .demo import DEFAULT_THREADS, LR, MOMENTUM, WEIGHT_DECAY, build_model
-from .memory import DEFAULT_SAFETY_MARGIN, FakeMemory, MemoryDevice, ProbeResult, accelerator_memory, probe_memory
+from .memory import DEFAULT_SAFETY_MARGIN, MemoryDevice, ProbeResult, accelerator_memory, probe_memory
+from .testing import FakeMemory
 
 __all__ = ["DEFAULT_CUDA_MAX_BATCH_SIZE", "ProbeConfig", "ProbeReport", "format_report", "run_probe"]
 

@@ -1,7 +1,7 @@
 """Training steps spent finding the largest batch that fits: adabatch's probe next to two searches.
 
-On simulated devices (:class:`~adabatch.memory.FakeMemory`, and one
-:class:`~adabatch.memory.CurvedFakeMemory` whose peak grows faster than a line) of several shapes,
+On simulated devices (:class:`~adabatch.testing.FakeMemory`, and one
+:class:`~adabatch.testing.CurvedFakeMemory` whose peak grows faster than a line) of several shapes,
 each method finds a batch size from a fresh model and optimizer, and every try is a real
 training step (forward, backward, SGD with momentum) of a small MLP on the CPU, counted by the
 device (``fake.steps``, the tries that ran out of memory included):
@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from adabatch.memory import CurvedFakeMemory, FakeMemory, measure_step, probe_memory
+from adabatch.memory import measure_step, probe_memory
+from adabatch.testing import CurvedFakeMemory, FakeMemory
 
 GIB = 2**30
 CAPACITY = 80 * GIB

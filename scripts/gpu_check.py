@@ -22,7 +22,7 @@ phase that fails records its error in the object instead of ending the script. T
 takes about one to two minutes on an H100.
 
 ``--fake`` runs the same logic on the CPU at a tiny size (a ResNet-18 of width 8 on 3x16x16
-images, 10 classes), with a :class:`~adabatch.memory.FakeMemory` attached to each model standing
+images, 10 classes), with a :class:`~adabatch.testing.FakeMemory` attached to each model standing
 in for the GPU's memory, in a few seconds.
 
 Run ``python scripts/gpu_check.py`` on a CUDA machine, ``python scripts/gpu_check.py --fake`` anywhere.
@@ -44,14 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, bn_safe_min_batch_size, schedules
-from adabatch.memory import (
-    DEFAULT_SAFETY_MARGIN,
-    FakeMemory,
-    MemoryDevice,
-    accelerator_memory,
-    measure_step,
-    probe_memory,
-)
+from adabatch.memory import DEFAULT_SAFETY_MARGIN, MemoryDevice, accelerator_memory, measure_step, probe_memory
+from adabatch.testing import FakeMemory
 
 GOAL_RATIO = 0.90
 

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
-from adabatch.memory import FakeMemory
+from adabatch.testing import FakeMemory
 
 DATASET_SIZE = 512
 

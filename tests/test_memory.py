@@ -11,8 +11,14 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
 import warnings
+import weakref
+from pathlib import Path
+from typing import Callable
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,14 +26,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adabatch import BatchSizeConstraints, BatchSizeScheduler, schedules
+import adabatch.memory
+import adabatch.testing
 from adabatch.memory import (
     BatchSizeFloorError,
-    FakeMemory,
     MemoryCap,
     MemoryModel,
+    catch_out_of_memory,
     default_memory_device,
     is_out_of_memory,
+    measure_step,
 )
+from adabatch.testing import FakeMemory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -273,6 +285,30 @@ def test_fake_device_validates_its_arguments(arguments, message):
         FakeMemory(**{**dict(capacity=1000, fixed=0, per_sample=1), **arguments})
 
 
+def test_fake_device_takes_numpy_integers_as_plain_ones():
+    fake = FakeMemory(capacity=numpy.int64(1000), fixed=numpy.int32(0), per_sample=numpy.uint8(8))
+    assert (fake.capacity, fake.fixed, fake.per_sample) == (1000, 0, 8)
+    assert all(type(value) is int for value in (fake.capacity, fake.fixed, fake.per_sample))
+
+
+def test_the_simulated_devices_are_the_same_classes_from_adabatch_memory():
+    from adabatch.memory import CurvedFakeMemory, FakeMemory as FakeMemoryFromMemory
+
+    assert FakeMemoryFromMemory is adabatch.testing.FakeMemory is adabatch.memory.FakeMemory
+    assert CurvedFakeMemory is adabatch.testing.CurvedFakeMemory is adabatch.memory.CurvedFakeMemory
+    for name in ("FakeMemory", "CurvedFakeMemory"):
+        assert name in dir(adabatch.memory) and name in adabatch.memory.__all__
+
+
+def test_adabatch_imports_no_simulated_device_and_the_testing_module_imports_on_its_own():
+    code = ("import sys, adabatch, adabatch.memory; assert 'adabatch.testing' not in sys.modules; "
+            "import adabatch.testing; from adabatch.memory import FakeMemory; "
+            "assert FakeMemory is adabatch.testing.FakeMemory")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               check=False, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
+
+
 # --------------------------------------------------------------------------- out-of-memory errors
 @pytest.mark.parametrize(
     "error",
@@ -308,6 +344,111 @@ def test_out_of_memory_errors_of_every_backend_are_recognised(error):
 )
 def test_other_errors_are_not_out_of_memory(error):
     assert not is_out_of_memory(error)
+
+
+# --------------------------------------------------------------------- catching out-of-memory errors
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("HIP out of memory. Tried to allocate 20.00 MiB (GPU 0; 63.98 GiB total capacity)"),
+        lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 85899345920 bytes"),
+        lambda: MemoryError(),
+    ],
+    ids=["OutOfMemoryError", "HIP", "cuDNN", "CPU", "MemoryError"],
+)
+def test_catch_out_of_memory_suppresses_an_out_of_memory_error(make_error: Callable[[], BaseException]):
+    with catch_out_of_memory() as out_of_memory:
+        raise make_error()
+    assert out_of_memory.caught
+
+
+def test_catch_out_of_memory_catches_nothing_when_nothing_is_raised():
+    with catch_out_of_memory() as out_of_memory:
+        pass
+    assert not out_of_memory.caught
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("out of memory"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x1)"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+        KeyboardInterrupt(),
+    ],
+    ids=repr,
+)
+def test_catch_out_of_memory_lets_other_errors_through(error: BaseException):
+    claims: list[bool] = []
+    with pytest.raises(type(error)):
+        with catch_out_of_memory(propagate=lambda: claims.append(True) or True) as out_of_memory:
+            raise error
+    assert not out_of_memory.caught
+    assert claims == []  # propagate is asked about out-of-memory errors only
+
+
+@pytest.mark.parametrize("claimed", [True, False])
+def test_propagate_decides_whether_an_out_of_memory_error_propagates(claimed: bool):
+    claims: list[bool] = []
+
+    def propagate() -> bool:
+        claims.append(claimed)
+        return claimed
+
+    raised = False
+    try:
+        with catch_out_of_memory(propagate=propagate) as out_of_memory:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError:
+        raised = True
+    assert raised is claimed and out_of_memory.caught is not claimed
+    assert claims == [claimed]
+
+
+def _failing_attempt(held: list[weakref.ref[torch.Tensor]]) -> None:
+    activations = torch.zeros(1_000)
+    held.append(weakref.ref(activations))
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_catch_out_of_memory_keeps_nothing_of_the_failed_attempt_alive():
+    held: list[weakref.ref[torch.Tensor]] = []
+    with catch_out_of_memory() as out_of_memory:
+        _failing_attempt(held)
+    assert out_of_memory.caught
+    assert held[0]() is None
+    assert not any(isinstance(value, BaseException) for value in vars(out_of_memory).values())
+    # The check has teeth: an error that is kept (here by pytest) keeps the attempt's tensors alive.
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        _failing_attempt(held)
+    assert held[1]() is not None
+    del kept
+
+
+def test_measure_step_frees_the_failed_attempt_before_emptying_the_cache():
+    held: list[weakref.ref[torch.Tensor]] = []
+    freed_when_emptied: list[bool] = []
+
+    class Memory(FakeMemory):
+        def release_cached(self) -> None:
+            freed_when_emptied.append(all(reference() is None for reference in held))
+
+    model = nn.Linear(3, 1)
+    memory = Memory(capacity=1000, fixed=200, per_sample=16)
+    memory.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def make_batch(batch_size: int) -> torch.Tensor:
+        batch = torch.zeros(batch_size, 3)
+        held.append(weakref.ref(batch))
+        return batch
+
+    assert measure_step(optimizer, make_batch, lambda batch: model(batch).mean(), 51, device=memory) is None
+    assert freed_when_emptied == [True]
+    assert measure_step(optimizer, make_batch, lambda batch: model(batch).mean(), 50, device=memory) == 1000
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------ micro-batches

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
-from adabatch.memory import FakeMemory
+from adabatch.testing import FakeMemory
 from adabatch.noise import BiasCorrectedEMA, GradientNoiseMeter, NoiseScale
 
 DATASET_SIZE = 2048

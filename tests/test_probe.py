@@ -31,14 +31,8 @@ from torch import nn
 from adabatch import BatchSizeScheduler, schedules
 from adabatch.cli import main
 from adabatch.demo import build_model
-from adabatch.memory import (
-    BatchSizeFloorError,
-    CurvedFakeMemory,
-    FakeMemory,
-    MemoryCap,
-    ProbeResult,
-    probe_memory,
-)
+from adabatch.memory import BatchSizeFloorError, MemoryCap, ProbeResult, probe_memory
+from adabatch.testing import CurvedFakeMemory, FakeMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -321,6 +315,14 @@ def test_bad_arguments_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         trainer.probe(**kwargs)
     assert trainer.device.steps == 0
+
+
+def test_numpy_integers_are_taken_as_plain_ones():
+    plain = Trainer(linear_device(0.05, 1_000)).probe(min_batch_size=2, max_batch_size=50, max_probe_steps=12)
+    from_numpy = Trainer(linear_device(0.05, 1_000)).probe(
+        min_batch_size=numpy.int64(2), max_batch_size=numpy.int32(50), max_probe_steps=numpy.int64(12))
+    assert from_numpy == plain
+    assert type(from_numpy.cap) is int and all(type(size) is int for size, _ in from_numpy.attempts)
 
 
 def test_device_must_be_a_memory_device():

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
-from adabatch.memory import BatchSizeFloorError, FakeMemory
+from adabatch.memory import BatchSizeFloorError
+from adabatch.testing import FakeMemory
 
 DATASET_SIZE = 96
 BASE_LR = 0.05
