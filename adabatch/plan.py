@@ -1,0 +1,116 @@
+"""The plan of batches: which batch follows each stream position, and how far training has come.
+
+A batch's size is decided when the sampler draws it, which may be well before it is trained
+(DataLoader workers prefetch), and what decides a size (an adaptive schedule, the memory cap)
+may change in between. :class:`BatchPlan` therefore records each batch as it is drawn, and the
+scheduler, the learning-rate factor and a resumed run all read the recorded batch. The same
+object counts what was trained: the stream position, the samples seen and the optimizer steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+from ._validation import is_integer
+from .layout import EpochLayout
+
+__all__ = ["BatchPlan", "PlannedBatch"]
+
+
+class PlannedBatch(NamedTuple):
+    """The global batch that follows a stream position."""
+
+    #: Stream position of its first sample (past the position when an epoch's tail is dropped).
+    start: int
+    #: Samples in it, over all replicas.
+    size: int
+    #: The size the schedule wanted, after the constraints; the balanced batches that end an
+    #: epoch are a little smaller than their target.
+    target: int
+
+
+class BatchPlan:
+    """Records the batches drawn ahead of training and counts the ones trained.
+
+    Args:
+        target_at (callable): the constrained global batch size wanted at a stream position.
+    """
+
+    POSITION = "position"
+    SAMPLES_SEEN = "samples_seen"
+    STEPS = "steps"
+    PLAN = "plan"
+    COUNTERS = (POSITION, SAMPLES_SEEN, STEPS)
+    #: Most batches remembered between being drawn and being trained (far above any prefetch depth).
+    LIMIT = 4096
+
+    def __init__(self, target_at: Callable[[int], int]) -> None:
+        self.target_at = target_at
+        self.layout: EpochLayout | None = None
+        self.position = 0  # stream position after the last trained batch
+        self.samples_seen = 0
+        self.steps = 0
+        self.tracking = False  # whether a step or a loaded state has given a trained position
+        self._drawn: dict[int, PlannedBatch] = {}  # position -> the batch drawn there
+
+    @property
+    def num_replicas(self) -> int:
+        return 1 if self.layout is None else self.layout.num_replicas
+
+    def batch_at(self, position: int) -> PlannedBatch:
+        """The batch after ``position``: the one drawn there, if any, else the one drawn now would be."""
+        drawn = self._drawn.get(position)
+        # A record from a run on another number of replicas may not split evenly here.
+        if drawn is None or drawn.size % self.num_replicas:
+            return self._decide(position)
+        return drawn
+
+    def draw(self, position: int) -> PlannedBatch:
+        """Decide the batch after ``position`` and record it (the sampler's call)."""
+        drawn = self._drawn.get(position)
+        if drawn is None or drawn.size % self.num_replicas:
+            drawn = self._decide(position)
+            self._drawn[position] = drawn
+            if len(self._drawn) > self.LIMIT:
+                del self._drawn[next(iter(self._drawn))]
+        return drawn
+
+    def _decide(self, position: int) -> PlannedBatch:
+        if self.layout is None:
+            target = self.target_at(position)
+            return PlannedBatch(position, target, target)
+        return PlannedBatch(*self.layout.next_batch(position, self.target_at))
+
+    def advance(self, start: int, consumed: int) -> None:
+        """Count a trained batch of ``consumed`` samples (global) that began at ``start``."""
+        self.position = start + consumed
+        self._drawn = {p: batch for p, batch in self._drawn.items() if p >= self.position}
+        self.samples_seen += consumed
+        self.steps += 1
+        self.tracking = True
+
+    def skip_to(self, position: int) -> None:
+        """Move the trained position forward to ``position`` without training; never backward."""
+        if position > self.position:
+            self.position = position
+        self.tracking = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            self.POSITION: self.position,
+            self.SAMPLES_SEEN: self.samples_seen,
+            self.STEPS: self.steps,
+            self.PLAN: [[position, *batch] for position, batch in self._drawn.items()],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for key in self.COUNTERS:
+            value = state_dict[key]
+            if not is_integer(value) or value < 0:
+                raise ValueError(f"scheduler state_dict[{key!r}] must be a non-negative integer, got {value!r}")
+        self.position = int(state_dict[self.POSITION])
+        self.samples_seen = int(state_dict[self.SAMPLES_SEEN])
+        self.steps = int(state_dict[self.STEPS])
+        self._drawn = {int(p): PlannedBatch(int(start), int(size), int(target))
+                       for p, start, size, target in state_dict.get(self.PLAN, [])}
+        self.tracking = True
