@@ -5,16 +5,17 @@ take the same memory and out-of-memory decisions; one rank deciding alone deadlo
 collective. So whatever feeds a decision is reduced over the ranks first: noise statistics are
 summed, memory caps reduced by MIN, out-of-memory flags by MAX. A :class:`Collective` does that;
 :class:`ProcessGroupCollective` uses torch.distributed, and anything with the same three methods
-can stand in for it in tests.
+can stand in for it in tests. :class:`RankAgreement` is what the scheduler asks: it holds the
+collective (or none, on one process) and turns each decision's input into the agreed value.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
-__all__ = ["Collective", "ProcessGroupCollective", "default_collective", "world"]
+__all__ = ["Collective", "ProcessGroupCollective", "RankAgreement", "default_collective", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -96,3 +97,54 @@ def default_collective() -> ProcessGroupCollective | None:
     """A collective over the default process group when there is one with several ranks."""
     world_size, _ = world()
     return ProcessGroupCollective() if world_size > 1 else None
+
+
+class RankAgreement:
+    """What the ranks of a data-parallel run must decide alike, reduced over them.
+
+    Without a collective (one process) every value is its own agreement.
+
+    Args:
+        collective (Collective or str, optional): ``"auto"`` for the default process group
+            when it has several ranks, looked up again when a sampler shards over several
+            replicas (the process group may be created after the scheduler); ``None`` for none.
+    """
+
+    #: Stands for "no memory cap" in a MIN reduction over ranks.
+    NO_CAP = 2**62
+
+    def __init__(self, collective: Collective | str | None = "auto") -> None:
+        if isinstance(collective, str) and collective != "auto":
+            raise ValueError(f"collective must be a Collective, 'auto' or None, got {collective!r}")
+        self._auto = collective == "auto"
+        self.collective: Collective | None = default_collective() if collective == "auto" else collective
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there are other ranks to agree with."""
+        return self.collective is not None
+
+    def bind(self, num_replicas: int) -> None:
+        """A sampler shards over ``num_replicas``: find the process group built since, if any."""
+        if self._auto and self.collective is None and num_replicas > 1:
+            self.collective = default_collective()
+
+    def memory_cap(self, memory: Any) -> int | None:
+        """The smallest of the ranks' memory caps (``memory.cap``; every rank must cut batches
+        alike). Nothing is exchanged while no rank measures memory (the device setting is the
+        same on all)."""
+        cap = memory.cap
+        if self.collective is None or (memory.device is None and memory.ceiling is None):
+            return cap
+        agreed = self.collective.min(self.NO_CAP if cap is None else cap)
+        return None if agreed == self.NO_CAP else agreed
+
+    def largest(self, value: int) -> int:
+        """The largest ``value`` over the ranks (an out-of-memory flag: the size that failed)."""
+        return value if self.collective is None else self.collective.max(value)
+
+    def average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replace every gradient by its mean over the ranks."""
+        if self.collective is not None:
+            self.collective.all_reduce_mean_(
+                [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])

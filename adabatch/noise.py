@@ -30,10 +30,10 @@ Where the two batches come from:
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
 
 The scheduler measures the steps that reach a multiple of ``noise_interval`` samples, the same
-steps on every rank and after a resume. A measurement costs about the same at any batch size
-(on a small batch the split costs more than the step it measures: +69% at 32 on the MNIST-1D
-CNN on a CPU), so by default one step per 512 samples is measured, and at most one step in eight:
-the interval is ``max(512, 8 × batch size)``. Each measurement of a larger batch is the more
+steps on every rank and after a resume (:class:`NoiseSampling`). A measurement costs about the
+same at any batch size (a small batch trained in two halves takes much longer than in one), so
+by default one step per 512 samples is measured, and at most one step in eight: the interval is
+``max(512, 8 × batch size)``. Each measurement of a larger batch is the more
 precise (the noise in the estimate of ``|G|²`` falls as ``1/B``). The moving averages count
 measurements, so at large batches they span more samples: at batch 1,024, the default decay's
 twenty-odd measurements are about 160,000 samples.
@@ -50,7 +50,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseScale", "is_adam_family", "preconditioner"]
+from ._validation import check_fraction, check_positive_int
+
+__all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseSampling", "NoiseScale", "is_adam_family", "preconditioner"]
 
 #: Default decay of the moving averages of |G|² and tr(Σ).
 DEFAULT_EMA_DECAY = 0.95
@@ -70,9 +72,7 @@ class BiasCorrectedEMA:
     """
 
     def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_fraction("decay", decay)
         self.biased = 0.0
         self.updates = 0
 
@@ -163,6 +163,13 @@ class NoiseScale:
         if grad_sqr <= 0:
             return math.inf
         return max(grad_var, 0.0) / grad_sqr
+
+    def scalars(self) -> dict[str, float]:
+        """The smoothed and the last raw estimates, for logging; empty before the first step."""
+        if not self.steps:
+            return {}
+        return {"noise/grad_sqr": self.grad_sqr, "noise/grad_var": self.grad_var, "noise/noise_scale": self.noise_scale,
+                "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var}
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict()}
@@ -322,3 +329,45 @@ def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None
     else:
         for destination, source in zip(destinations, sources):
             destination.copy_(source)
+
+
+class NoiseSampling:
+    """Which optimizer steps measure the noise scale, and how a measured step is split.
+
+    A step over the stream's samples ``[start, start + consumed)`` is measured when it reaches
+    a multiple of ``interval``: a rule of the stream alone, so every rank measures the same
+    steps, and a resumed run the same steps as one that never stopped.
+
+    Args:
+        interval (int, optional): samples (global) per measurement. Default:
+            ``max(512, 8 × the global batch size)``: one step per 512 samples, and at most one
+            step in eight.
+    """
+
+    def __init__(self, interval: int | None = None) -> None:
+        self.interval = None if interval is None else check_positive_int("noise_interval", interval)
+
+    def due(self, start: int, consumed: int) -> bool:
+        """Whether the step over ``[start, start + consumed)`` is measured."""
+        interval = self.interval or max(DEFAULT_NOISE_INTERVAL, MIN_STEPS_PER_MEASUREMENT * consumed)
+        return (start + consumed) // interval > start // interval
+
+    @staticmethod
+    def can_split(sizes: list[int], floor: int) -> bool:
+        """Whether a batch trained in one micro-batch can be halved with both halves at the floor."""
+        return len(sizes) == 1 and sizes[0] >= 2 * floor
+
+    def split(self, sizes: list[int], floor: int, distributed: bool) -> list[int]:
+        """The micro-batches of a measured step: on one process, a batch that fits in one
+        micro-batch is halved so the first half serves as the small batch (where both halves
+        keep to the floor); across ranks each rank's batch is the small one, unsplit."""
+        if distributed or not self.can_split(sizes, floor):
+            return sizes
+        return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
+
+    def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
+        """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
+        due step with the one before it, which keeps its gradient only if the next step
+        (assumed of the same size) will be due. Returns whether a pair was counted."""
+        return meter.from_consecutive_steps(batch_size, measure=self.due(start, consumed),
+                                            keep=self.due(start + consumed, consumed))

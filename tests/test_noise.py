@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
 from adabatch.testing import FakeMemory
-from adabatch.noise import BiasCorrectedEMA, GradientNoiseMeter, NoiseScale
+from adabatch.noise import BiasCorrectedEMA, GradientNoiseMeter, NoiseSampling, NoiseScale
 
 DATASET_SIZE = 2048
 FEATURES = 32
@@ -748,3 +748,30 @@ def test_plain_loop_noise_statistics_resume_with_one_step_uncounted():
     resumed, uninterrupted = plain_loop_run(stop=5), plain_loop_run(stop=None)
     assert resumed["grad_sqr"]["updates"] == uninterrupted["grad_sqr"]["updates"] - 1
     assert resumed["grad_var"]["updates"] == uninterrupted["grad_var"]["updates"] - 1
+
+
+# ---------------------------------------------------------------- which steps are measured
+@pytest.mark.parametrize(
+    "interval, start, consumed, due",
+    [
+        (None, 0, 32, False), (None, 480, 32, True), (None, 512, 32, False),  # one step per 512 samples
+        (None, 0, 128, False), (None, 896, 128, True),  # at 128: max(512, 8 x 128) = 1,024
+        (100, 90, 10, True), (100, 0, 250, True), (100, 101, 98, False),
+    ],
+)
+def test_a_step_is_measured_when_it_reaches_a_multiple_of_the_interval(interval, start, consumed, due) -> None:
+    assert NoiseSampling(interval).due(start, consumed) is due
+
+
+@pytest.mark.parametrize(
+    "sizes, floor, distributed, split",
+    [([32], 16, False, [16, 16]), ([33], 16, False, [17, 16]), ([31], 16, False, [31]),
+     ([32], 16, True, [32]), ([20, 20], 8, False, [20, 20])],
+)
+def test_a_measured_step_is_halved_only_on_one_process_and_above_twice_the_floor(sizes, floor, distributed, split):
+    assert NoiseSampling().split(sizes, floor, distributed) == split
+
+
+def test_noise_interval_must_be_a_positive_integer() -> None:
+    with pytest.raises(ValueError, match="noise_interval must be a positive integer, got 0"):
+        NoiseSampling(0)
