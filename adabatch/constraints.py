@@ -134,6 +134,23 @@ class BatchSizeConstraints:
                 f"{self.dataset_size}, num_replicas={replicas})"
             )
 
+    def check_balance_fits(self) -> None:
+        """Whether the bound dataset's epochs can end in balanced batches (``remainder="balance"``):
+        a tail of up to ``2 * floor - 1`` samples per replica may have to stay one batch.
+
+        Raises:
+            ValueError: if the cap is below that.
+        """
+        floor, replicas = self.floor_per_replica, self.num_replicas
+        tail = 2 * floor - 1 if self.dataset_size is None else min(2 * floor - 1, self.dataset_size // replicas)
+        if self.per_replica_cap < tail:
+            raise ValueError(
+                f"remainder='balance' needs max_batch_size of at least 2 * min_batch_size - 1 per replica "
+                f"({2 * floor - 1} x {replicas} replica(s)) so that the end of an epoch can always be "
+                f"split without a batch below min_batch_size={floor}; got max_batch_size="
+                f"{self.max_batch_size}. Raise max_batch_size, or use remainder='wrap' or 'drop'"
+            )
+
     def floor_for(self, num_replicas: int) -> int:
         """The per-replica floor for ``num_replicas`` replicas."""
         return -(-self.min_batch_size // num_replicas) if self.global_floor else self.min_batch_size

@@ -168,6 +168,18 @@ class MemoryCap:
             self.device.release_cached()
         return self.cap  # type: ignore[return-value]
 
+    def scalars(self) -> dict[str, float]:
+        """The last step's peak, the cap and the fitted line, for logging; empty without a device."""
+        if self.device is None:
+            return {}
+        values = {"memory/peak_bytes": float(self.last_peak_bytes)}
+        if self.cap is not None:
+            values["memory/cap"] = float(self.cap)
+        fitted = self.fit()
+        if fitted is not None:
+            values["memory/fixed_bytes"], values["memory/per_sample_bytes"] = fitted
+        return values
+
     def fit(self) -> tuple[float, float] | None:
         return self.model.fit()
 
