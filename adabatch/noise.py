@@ -24,8 +24,8 @@ Where the two batches come from:
   (``2B``). The parameters moved between the two steps, so the pair is not two batches at one
   point: the difference between the steps' true gradients counts as noise, and ``tr(Σ)`` (hence
   ``B_simple``) is overestimated, by an amount that grows with the learning rate and the
-  curvature. It costs one copy of the gradients, which a checkpoint does not keep: the first
-  step after a resume has no partner and is not counted.
+  curvature. It costs one copy of the gradients, which a checkpoint taken between the two steps
+  keeps, so a resumed run measures the same steps.
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
 
@@ -46,11 +46,11 @@ optimizer actually takes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from ._validation import check_fraction, check_positive_int
+from ._validation import check_fraction, check_positive_int, is_integer
 
 __all__ = ["BiasCorrectedEMA", "GradientNoiseMeter", "NoiseSampling", "NoiseScale", "is_adam_family", "preconditioner"]
 
@@ -222,6 +222,7 @@ class GradientNoiseMeter:
         self.noise = NoiseScale(decay)
         self._small: tuple[float, int] | None = None
         self._previous: tuple[int, int] | None = None  # the kept gradient's row in the buffer, its batch size
+        self._restored: tuple[int, torch.Tensor, int] | None = None  # a kept gradient loaded from a checkpoint
         self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
         self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
         self._shapes: list[torch.Size] | None = None
@@ -286,6 +287,7 @@ class GradientNoiseMeter:
             whether a pair was counted.
         """
         previous, self._previous = self._previous, None
+        restored, self._restored = self._restored, None
         if not (measure or keep):
             return False
         grads = self._preconditioned()
@@ -295,6 +297,11 @@ class GradientNoiseMeter:
         if shapes != self._shapes:
             self._allocate(grads, shapes)
             previous = None  # kept for other parameters: no pair
+        if restored is not None and restored[1].numel() == self._buffer.shape[1]:  # type: ignore[union-attr]
+            row, gradient, kept_size = restored
+            with torch.no_grad():
+                self._buffer[row].copy_(gradient)  # type: ignore[index]
+            previous = (row, kept_size)
         # The two steps' gradients take turns in the rows of one flat double-precision buffer:
         # a step's gradient is one copy into its row, and a pair's three products
         # (|g|², |g_previous|², g·g_previous) are one Gram product. Each tensor operation here
@@ -313,6 +320,34 @@ class GradientNoiseMeter:
         share, previous_share = batch_size / both, previous_size / both
         mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
         return self.noise.update(grad_sqr, batch_size, mean_sqr, both)
+
+    def pairing_state(self) -> dict[str, Any] | None:
+        """The gradient the plain loop's fallback keeps for the next step's pair (one flat
+        double-precision copy, on the gradients' device), or ``None`` when none is kept: a
+        checkpoint taken just before a measured step carries it, so the resumed run measures
+        that step as the uninterrupted one does."""
+        if self._previous is None:
+            return None
+        row, batch_size = self._previous
+        return {"row": row, "gradient": self._buffer[row].clone(), "batch_size": batch_size}  # type: ignore[index]
+
+    def load_pairing_state(self, state: Mapping[str, Any] | None) -> None:
+        """Restore what :meth:`pairing_state` returned; the gradient is paired with the next
+        step's if the parameters with gradients are then the same.
+
+        Raises:
+            ValueError: if ``state`` is not such a record.
+        """
+        self._previous = None
+        self._restored = None
+        if state is None:
+            return
+        row, gradient, batch_size = state.get("row"), state.get("gradient"), state.get("batch_size")
+        if row not in (0, 1) or not isinstance(gradient, torch.Tensor) or gradient.dim() != 1 \
+                or not is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"scheduler state_dict['noise_pair'] must be None or hold a row (0 or 1), a flat "
+                             f"gradient tensor and a positive batch_size, got {state!r}")
+        self._restored = (int(row), gradient, int(batch_size))
 
     def _allocate(self, grads: list[torch.Tensor], shapes: list[torch.Size]) -> None:
         numels = [g.numel() for g in grads]
