@@ -103,14 +103,52 @@ class BatchPlan:
             self.PLAN: [[position, *batch] for position, batch in self._drawn.items()],
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any],
+                        highest_target: Callable[[int], float] | None = None) -> None:
+        """Restore the counters and the batches drawn but not trained.
+
+        Args:
+            state_dict (dict): what :meth:`state_dict` returned.
+            highest_target (callable, optional): the largest target a batch drawn at a position
+                may have been given (a timetable's own size there, an adaptive schedule's
+                largest); each drawn batch is checked against it and the layout. Default: no
+                check (a state this plan saved itself).
+
+        Raises:
+            ValueError: if a key is missing, a counter is negative, or a drawn batch is not one
+                this plan could have drawn; nothing is restored then.
+        """
+        for key in (*self.COUNTERS, self.PLAN):
+            if key not in state_dict:
+                raise ValueError(f"scheduler state_dict is missing {key!r}")
         for key in self.COUNTERS:
             value = state_dict[key]
             if not is_integer(value) or value < 0:
                 raise ValueError(f"scheduler state_dict[{key!r}] must be a non-negative integer, got {value!r}")
+        drawn = {}
+        entries = state_dict[self.PLAN]
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError(f"scheduler state_dict['plan'] must be a list, got {entries!r}")
+        for entry in entries:
+            if highest_target is not None and not self._could_draw(entry, highest_target):
+                raise ValueError(f"scheduler state_dict['plan'] holds {entry!r}, which is not a batch this scheduler "
+                                 f"could have drawn: [position, start, size, target], position <= start, and size and "
+                                 f"target within the schedule and the constraints")
+            drawn[int(entry[0])] = PlannedBatch(*(int(value) for value in entry[1:]))
         self.position = int(state_dict[self.POSITION])
         self.samples_seen = int(state_dict[self.SAMPLES_SEEN])
         self.steps = int(state_dict[self.STEPS])
-        self._drawn = {int(p): PlannedBatch(int(start), int(size), int(target))
-                       for p, start, size, target in state_dict.get(self.PLAN, [])}
+        self._drawn = drawn
         self.tracking = True
+
+    def _could_draw(self, entry: Any, highest_target: Callable[[int], float]) -> bool:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4 or not all(is_integer(v) for v in entry):
+            return False
+        position, start, size, target = entry
+        if not (0 <= position <= start and 1 <= size and 1 <= target <= highest_target(position)):
+            return False
+        if self.layout is None:
+            return True
+        # A record from another number of replicas is decided again (batch_at), not checked here.
+        return size % self.num_replicas != 0 or tuple(self.layout.next_batch(position, lambda _: target)) == (
+            start, size, target)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ._validation import check_fraction, check_positive_int
+from ._validation import check_fraction, check_positive_int, is_integer
 from .constraints import BatchSizeConstraints
 from .distributed import Collective, RankAgreement
 from .layout import EpochLayout
@@ -26,7 +26,7 @@ from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memo
 from .micro_batches import Batch, batch_length
 from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling, is_adam_family
 from .plan import BatchPlan, PlannedBatch
-from .schedules import Progress, Schedule, ScheduleFn, as_schedule
+from .schedules import Lambda, Progress, Schedule, ScheduleFn, as_schedule
 from .training_step import StepOutcome, TrainingStep
 
 __all__ = ["BatchSizeScheduler"]
@@ -120,7 +120,10 @@ class BatchSizeScheduler:
     _DATASET_SIZE = "dataset_size"
     _MEMORY = "memory"
     _NOISE = "noise"
+    _NOISE_PAIR = "noise_pair"
     _SCHEDULE = "schedule"
+    _REQUIRED = (*BatchPlan.COUNTERS, BatchPlan.PLAN, LRFactor.WARMUP_FROM, LRFactor.WARMUP_BEGIN, _DATASET_SIZE,
+                 _MEMORY, _NOISE, _SCHEDULE)
 
     def __init__(
         self,
@@ -468,6 +471,7 @@ class BatchSizeScheduler:
             self._DATASET_SIZE: self.dataset_size,
             self._MEMORY: self.memory.state_dict(),
             self._NOISE: None if self.noise_meter is None else self.noise_meter.noise.state_dict(),
+            self._NOISE_PAIR: None if self.noise_meter is None else self.noise_meter.pairing_state(),
             self._SCHEDULE: self.schedule.state_dict(),
         }
 
@@ -475,28 +479,53 @@ class BatchSizeScheduler:
         """Restore the numbers saved by :meth:`state_dict`.
 
         Raises:
-            ValueError: if a key is missing, a counter is negative, or the state was saved for
-                a dataset of another size.
+            ValueError: if a key is missing or holds a value out of range, if the state was
+                saved for a dataset of another size or with another kind of schedule, or if it
+                plans a batch this scheduler could not have drawn. Nothing is restored then.
         """
-        for key in BatchPlan.COUNTERS + (LRFactor.WARMUP_FROM, LRFactor.WARMUP_BEGIN, self._DATASET_SIZE):
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"scheduler state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in self._REQUIRED:
             if key not in state_dict:
                 raise ValueError(f"scheduler state_dict is missing {key!r}")
         saved_size = state_dict[self._DATASET_SIZE]
+        if saved_size is not None and (not is_integer(saved_size) or saved_size < 1):
+            raise ValueError(f"scheduler state_dict['dataset_size'] must be a positive integer or None, "
+                             f"got {saved_size!r}")
         if saved_size is not None and self.dataset_size is not None and saved_size != self.dataset_size:
             raise ValueError(
                 f"scheduler state_dict was saved for dataset_size={saved_size}, but this scheduler's dataset "
                 f"has {self.dataset_size} samples"
             )
-        self.plan.load_state_dict(state_dict)
+        before = self.state_dict(), self._expected_dataset_size, self.plan.tracking
+        try:
+            self._load(state_dict, self._highest_target)
+        except Exception:
+            self._load(before[0], None)
+            self._expected_dataset_size, self.plan.tracking = before[1:]
+            raise
+        self._expected_dataset_size = None if saved_size is None else int(saved_size)
+
+    def _load(self, state_dict: Mapping[str, Any], highest_target: Callable[[int], float] | None) -> None:
+        self.plan.load_state_dict(state_dict, highest_target)
         self.lr.load_state_dict(state_dict)
-        self._expected_dataset_size = saved_size
-        if state_dict.get(self._NOISE) is not None and self.noise_meter is not None:
-            self.noise_meter.noise.load_state_dict(state_dict[self._NOISE])
-        if state_dict.get(self._SCHEDULE) is not None:
+        noise = state_dict[self._NOISE]
+        if noise is not None and self.noise_meter is not None:
+            self.noise_meter.noise.load_state_dict(noise)
+        if self.noise_meter is not None:
+            self.noise_meter.load_pairing_state(state_dict.get(self._NOISE_PAIR))
+        if state_dict[self._SCHEDULE] is not None:  # None: a timetable's, saved before schedules kept state
             self.schedule.load_state_dict(state_dict[self._SCHEDULE])
-        if self._MEMORY in state_dict:
-            self.memory.load_state_dict(state_dict[self._MEMORY])
-            self.constraints.set_memory_cap(self.memory.cap)
+        self.memory.load_state_dict(state_dict[self._MEMORY])
+        self.constraints.set_memory_cap(self.memory.cap)
+
+    def _highest_target(self, position: int) -> float:
+        """The largest target a batch drawn at ``position`` may have been given: a timetable's
+        own size there (a memory cap may have lowered it), an adaptive schedule's largest."""
+        if self.schedule.needs_noise or isinstance(self.schedule, Lambda):  # sizes not from progress alone
+            return self.constraints.largest(memory=False)
+        progress = Progress(samples=position, dataset_size=self.dataset_size)
+        return self.constraints.apply(self.schedule(progress), memory=False)
 
     def __repr__(self) -> str:
         return (

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, Mapping
 
-from .._validation import check_fraction
+from .._validation import check_fraction, is_integer
 from .devices import MemoryDevice
 
 __all__ = ["BatchSizeFloorError", "DEFAULT_SAFETY_MARGIN", "MemoryCap", "MemoryModel"]
@@ -71,8 +71,18 @@ class MemoryModel:
     def state_dict(self) -> dict[str, Any]:
         return {"peaks": dict(self.peaks)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.peaks = {int(b): int(p) for b, p in state_dict["peaks"].items()}
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the peaks.
+
+        Raises:
+            ValueError: if ``peaks`` is not a mapping of positive integers to positive integers.
+        """
+        peaks = state_dict.get("peaks") if isinstance(state_dict, Mapping) else None
+        if not isinstance(peaks, Mapping) or not all(
+                is_integer(b) and is_integer(p) and b > 0 and p > 0 for b, p in peaks.items()):
+            raise ValueError(f"the memory state's 'peaks' must map micro-batch sizes to peak bytes (positive "
+                             f"integers), got {peaks!r}")
+        self.peaks = {int(b): int(p) for b, p in peaks.items()}
 
     def __repr__(self) -> str:
         return f"MemoryModel(peaks={self.peaks})"
@@ -186,11 +196,26 @@ class MemoryCap:
     def state_dict(self) -> dict[str, Any]:
         return {"peaks": dict(self.model.peaks), "ceiling": self.ceiling, "learned": self.learned}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the measurements and the ceiling; the cap is worked out again from the memory
-        this device has now (a resumed run may be on another device)."""
+        this device has now (a resumed run may be on another device).
+
+        Raises:
+            ValueError: if ``state_dict`` is not a dict with ``peaks``, ``ceiling`` and ``learned``,
+                or one of them is out of range; nothing is restored then.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"the memory state must be a dict with 'peaks', 'ceiling' and 'learned', "
+                             f"got {state_dict!r}")
+        for key in ("peaks", "ceiling", "learned"):
+            if key not in state_dict:
+                raise ValueError(f"the memory state is missing {key!r}")
+        for key in ("ceiling", "learned"):
+            value = state_dict[key]
+            if value is not None and (not is_integer(value) or value < 1):
+                raise ValueError(f"the memory state's {key!r} must be a positive integer or None, got {value!r}")
         self.model.load_state_dict(state_dict)
-        self.ceiling = state_dict["ceiling"]
-        self.learned = state_dict["learned"]
+        self.ceiling = None if state_dict["ceiling"] is None else int(state_dict["ceiling"])
+        self.learned = None if state_dict["learned"] is None else int(state_dict["learned"])
         if self.device is not None and self.model.peaks:
             self._relearn()

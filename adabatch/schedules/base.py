@@ -112,7 +112,14 @@ class Schedule(abc.ABC):
         return {}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; a timetable has nothing to restore."""
+        """Restore what :meth:`state_dict` saved; a timetable has nothing to restore.
+
+        Raises:
+            ValueError: if ``state_dict`` holds anything (it was saved with another schedule).
+        """
+        if not isinstance(state_dict, Mapping) or state_dict:
+            raise ValueError(f"{type(self).__name__} keeps no state, but its state_dict is {state_dict!r}; was it "
+                             f"saved with another schedule?")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
