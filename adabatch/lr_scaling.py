@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 import torch
 
 from ._validation import check_non_negative_int, check_positive_int, is_integer, is_real
+from .noise import is_adam_family
+from .schedules.base import Progress
 
 __all__ = ["LR_SCALING_RULES", "AppliedFactor", "LRFactor", "LRFactorHook", "LRScaling", "resolve_lr_scaling"]
 
@@ -75,10 +77,11 @@ class LRFactor:
     Args:
         lr_scaling (str or callable): ``"none"``, ``"linear"``, ``"sqrt"``, ``"gain"`` or a
             callable from the ratio to a factor.
-        initial_size (callable): the batch size the schedule starts at, after the constraints;
-            the reference unless ``reference_batch_size`` is given.
-        noise_scale (callable): the measured noise scale (``nan`` while unknown), for ``"gain"``.
-        adam_family (callable): whether the optimizer is of Adam's family, for ``"gain"``.
+        optimizer (Optimizer): whose family (Adam's or not) ``"gain"`` depends on.
+        schedule (Schedule): whose initial size, after the constraints, is the reference
+            unless ``reference_batch_size`` is given.
+        constraints (BatchSizeConstraints): the static bounds the reference keeps to.
+        noise_meter (GradientNoiseMeter, optional): the measured noise scale, for ``"gain"``.
         reference_batch_size (int, optional): the batch size at which the factor is 1.
         warmup_steps (int): steps over which the factor moves after a change. Default: 0.
     """
@@ -89,18 +92,20 @@ class LRFactor:
     def __init__(
         self,
         lr_scaling: LRScaling,
+        optimizer: torch.optim.Optimizer,
+        schedule: Any,
+        constraints: Any,
+        noise_meter: Any = None,
         *,
-        initial_size: Callable[[], int],
-        noise_scale: Callable[[], float],
-        adam_family: Callable[[], bool],
         reference_batch_size: int | None = None,
         warmup_steps: int = 0,
     ) -> None:
         self.lr_scaling = lr_scaling
         self._rule = None if lr_scaling == "gain" else resolve_lr_scaling(lr_scaling)
-        self._initial_size = initial_size
-        self._noise_scale = noise_scale
-        self._adam_family = adam_family
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.constraints = constraints
+        self.noise_meter = noise_meter
         self._given_reference = None if reference_batch_size is None else check_positive_int(
             "reference_batch_size", reference_batch_size)
         self._reference: int | None = None
@@ -114,7 +119,11 @@ class LRFactor:
         if self._given_reference is not None:
             return self._given_reference
         if self._reference is None:
-            self._reference = self._initial_size()
+            # The schedule's start under the static bounds: a memory cap that falls below it
+            # later, or an adaptive schedule's later decisions, must not move the reference (and
+            # with it every learning rate).
+            start = Progress(samples=0, dataset_size=self.constraints.dataset_size)
+            self._reference = self.constraints.apply(self.schedule.initial_size(start), memory=False)
         return self._reference
 
     def forget_reference(self) -> None:
@@ -143,7 +152,7 @@ class LRFactor:
         return float(factor)
 
     def _gain(self, target: int) -> float:
-        noise_scale = self._noise_scale()
+        noise_scale = math.nan if self.noise_meter is None else self.noise_meter.noise.noise_scale
         if math.isnan(noise_scale):
             return 1.0
         reference = self.reference_batch_size
@@ -151,7 +160,7 @@ class LRFactor:
             gain = target / reference
         else:
             gain = (noise_scale / reference + 1) / (noise_scale / target + 1)
-        return math.sqrt(gain) if self._adam_family() else gain
+        return math.sqrt(gain) if is_adam_family(self.optimizer) else gain
 
     def after_step(self, trained_target: int, coming_target: int, factor_used: float, steps: int) -> None:
         """Start a warm-up when the coming batch's target differs from the one just trained."""

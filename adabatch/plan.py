@@ -57,6 +57,24 @@ class BatchPlan:
     def num_replicas(self) -> int:
         return 1 if self.layout is None else self.layout.num_replicas
 
+    def bind(self, layout: EpochLayout) -> EpochLayout:
+        """Cut batches with ``layout`` from now on; binding again to the same cut is allowed.
+
+        Raises:
+            ValueError: if the plan already follows another layout.
+        """
+        if self.layout is None:
+            self.layout = layout
+            return layout
+        same = (self.layout.dataset_size, self.layout.num_replicas, self.layout.remainder)
+        if same != (layout.dataset_size, layout.num_replicas, layout.remainder):
+            raise ValueError(
+                f"this scheduler already drives a sampler with dataset_size={same[0]}, num_replicas={same[1]}, "
+                f"remainder={same[2]!r}; got dataset_size={layout.dataset_size}, num_replicas="
+                f"{layout.num_replicas}, remainder={layout.remainder!r}. Use one scheduler per training dataset."
+            )
+        return self.layout
+
     def batch_at(self, position: int) -> PlannedBatch:
         """The batch after ``position``: the one drawn there, if any, else the one drawn now would be."""
         drawn = self._drawn.get(position)
@@ -109,7 +127,7 @@ class BatchPlan:
 
         Args:
             state_dict (dict): what :meth:`state_dict` returned.
-            highest_target (callable, optional): the largest target a batch drawn at a position
+            highest_target (callable, optional): the largest target a batch starting at a position
                 may have been given (a timetable's own size there, an adaptive schedule's
                 largest); each drawn batch is checked against it and the layout. Default: no
                 check (a state this plan saved itself).
@@ -145,7 +163,7 @@ class BatchPlan:
         if not isinstance(entry, (list, tuple)) or len(entry) != 4 or not all(is_integer(v) for v in entry):
             return False
         position, start, size, target = entry
-        if not (0 <= position <= start and 1 <= size and 1 <= target <= highest_target(position)):
+        if not (0 <= position <= start and 1 <= size and 1 <= target <= highest_target(start)):
             return False
         if self.layout is None:
             return True

@@ -16,17 +16,18 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ._validation import check_fraction, check_positive_int, is_integer
+from ._validation import check_fraction, check_positive_int
 from .constraints import BatchSizeConstraints
 from .distributed import Collective, RankAgreement
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
+from . import checkpoint
 from .lr_scaling import LRFactor, LRFactorHook, LRScaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling, is_adam_family
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling
 from .plan import BatchPlan, PlannedBatch
-from .schedules import Lambda, Progress, Schedule, ScheduleFn, as_schedule
+from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .training_step import StepOutcome, TrainingStep
 
 __all__ = ["BatchSizeScheduler"]
@@ -59,15 +60,11 @@ class BatchSizeScheduler:
             :func:`~adabatch.bn_safe_min_batch_size` for models with BatchNorm. Default: 1.
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
         multiple_of (int): each replica's batch is a multiple of this. Default: 1.
-        lr_scaling (str or callable): how the learning rate follows the batch size, as a
-            function of ``batch_size / reference_batch_size``: ``"none"`` (Smith et al. 2018),
-            ``"linear"`` (Goyal et al. 2017), ``"sqrt"`` (Krizhevsky 2014; Malladi et al. 2022
-            for Adam), ``"gain"`` (AdaScale, Johnson et al. 2020: the factor is
-            ``(B_simple/B_0 + 1) / (B_simple/B + 1)`` from the measured noise scale, between 1
-            and the ratio; its square root for Adam-family optimizers, as ``"sqrt"`` is to
-            ``"linear"``), or a callable from the ratio to a factor. Default: the schedule's
-            :attr:`~adabatch.schedules.Schedule.default_lr_scaling`: ``"gain"`` for
-            :class:`~adabatch.schedules.Adaptive`, ``"none"`` for timetables and callables.
+        lr_scaling (str or callable): how the learning rate follows ``batch_size /
+            reference_batch_size``: ``"none"`` (Smith et al. 2018), ``"linear"`` (Goyal et al.
+            2017), ``"sqrt"`` (Krizhevsky 2014), ``"gain"`` (AdaScale, Johnson et al. 2020; see
+            :class:`~adabatch.lr_scaling.LRFactor`) or a callable from the ratio to a factor.
+            Default: the schedule's ``default_lr_scaling`` (``"gain"`` for ``Adaptive``).
         reference_batch_size (int, optional): the batch size at which the factor is 1.
             Default: the size the schedule starts at, after the constraints.
         warmup_steps (int): after each change of batch size, move the factor linearly from
@@ -89,16 +86,11 @@ class BatchSizeScheduler:
             :mod:`adabatch.noise`). Default: when the schedule or ``lr_scaling="gain"`` needs it.
         noise_decay (float): decay of the noise statistics' moving averages. Default: 0.95.
         noise_interval (int, optional): samples (global) per noise measurement: the steps that
-            reach a multiple of it in the sample stream are measured (every step once the batch
-            is this large). A measurement costs about the same at any batch size: on one
-            process it trains a batch that fits in one micro-batch in two halves; in the plain
-            loop it copies the gradients. The default measures one step per 512 samples and,
-            once batches pass 64, one step in eight. Default: ``max(512, 8 × the global batch
-            size)``.
-        collective (Collective or str, optional): how ranks agree under torch.distributed
-            (see :mod:`adabatch.distributed`): memory caps are reduced by MIN, out-of-memory
-            flags by MAX, noise statistics summed, so every rank takes the same decisions.
-            ``"auto"``: the default process group when it has several ranks. Default: ``"auto"``.
+            reach a multiple of it are measured (see :class:`~adabatch.noise.NoiseSampling`).
+            Default: ``max(512, 8 × the global batch size)``.
+        collective (Collective or str, optional): how ranks agree under torch.distributed (see
+            :mod:`adabatch.distributed`). ``"auto"``: the default process group when it has
+            several ranks. Default: ``"auto"``.
         sync_batch_norm (bool): the model's BatchNorm layers are ``SyncBatchNorm``, so
             ``min_batch_size`` bounds the global batch, not each replica's. Default: ``False``.
 
@@ -116,14 +108,6 @@ class BatchSizeScheduler:
         ...         optimizer.step()
         ...         scheduler.step(len(x))
     """
-
-    _DATASET_SIZE = "dataset_size"
-    _MEMORY = "memory"
-    _NOISE = "noise"
-    _NOISE_PAIR = "noise_pair"
-    _SCHEDULE = "schedule"
-    _REQUIRED = (*BatchPlan.COUNTERS, BatchPlan.PLAN, LRFactor.WARMUP_FROM, LRFactor.WARMUP_BEGIN, _DATASET_SIZE,
-                 _MEMORY, _NOISE, _SCHEDULE)
 
     def __init__(
         self,
@@ -159,10 +143,6 @@ class BatchSizeScheduler:
         self.constraints.bind(dataset_size)
         if lr_scaling is None:
             lr_scaling = self.schedule.default_lr_scaling
-        self.lr = LRFactor(lr_scaling, initial_size=self._initial_size, noise_scale=self._noise_scale,
-                           adam_family=self._adam_family,
-                           reference_batch_size=reference_batch_size, warmup_steps=warmup_steps)
-        self.layout: EpochLayout | None = None
         self._expected_dataset_size: int | None = None
         self.logger = TensorBoardLogger(writer, log_every) if writer is not None else None
         if isinstance(memory, str) and memory != "auto":
@@ -172,6 +152,8 @@ class BatchSizeScheduler:
         if measure_noise is None:
             measure_noise = self.schedule.needs_noise or lr_scaling == "gain"
         self.noise_meter = GradientNoiseMeter(optimizer, noise_decay) if measure_noise else None
+        self.lr = LRFactor(lr_scaling, optimizer, self.schedule, self.constraints, self.noise_meter,
+                           reference_batch_size=reference_batch_size, warmup_steps=warmup_steps)
         self.noise_sampling = NoiseSampling(noise_interval)
         self.agreement = RankAgreement(collective)
         self.plan = BatchPlan(self.target_at)
@@ -198,6 +180,11 @@ class BatchSizeScheduler:
     def collective(self) -> Collective | None:
         return self.agreement.collective
 
+    @property
+    def layout(self) -> EpochLayout | None:
+        """How the bound dataset's epochs are cut into batches (``None`` before a sampler binds)."""
+        return self.plan.layout
+
     def bind(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance") -> EpochLayout:
         """Learn the dataset and how it is cut into batches; called by :class:`~adabatch.AdaptiveBatchSampler`.
 
@@ -208,15 +195,8 @@ class BatchSizeScheduler:
                 constraints cannot hold for this dataset and policy.
         """
         layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas))
-        if self.layout is not None:
-            same = (self.layout.dataset_size, self.layout.num_replicas, self.layout.remainder)
-            if same != (dataset_size, num_replicas, remainder):
-                raise ValueError(
-                    f"this scheduler already drives a sampler with dataset_size={same[0]}, num_replicas="
-                    f"{same[1]}, remainder={same[2]!r}; got dataset_size={dataset_size}, num_replicas="
-                    f"{num_replicas}, remainder={remainder!r}. Use one scheduler per training dataset."
-                )
-            return self.layout
+        if self.plan.layout is not None:
+            return self.plan.bind(layout)
         for name, expected in (("dataset_size", self.dataset_size), ("the state_dict's dataset_size",
                                                                      self._expected_dataset_size)):
             if expected is not None and expected != dataset_size:
@@ -225,9 +205,8 @@ class BatchSizeScheduler:
         self.agreement.bind(num_replicas)
         if remainder == "balance":
             self.constraints.check_balance_fits()
-        self.layout = self.plan.layout = layout
         self.lr.forget_reference()
-        return layout
+        return self.plan.bind(layout)
 
     # ------------------------------------------------------------ batch sizes
     def target_at(self, position: int) -> int:
@@ -240,14 +219,8 @@ class BatchSizeScheduler:
         return self.plan.batch_at(position)[:2]
 
     def draw(self, position: int) -> tuple[int, int]:
-        """Decide the batch that follows ``position`` and remember it; called by the sampler.
-
-        Batches are drawn ahead of training (DataLoader workers prefetch), and what decides a
-        size (the memory cap, an adaptive schedule) may change in between. The decision is
-        therefore recorded when the batch is drawn, and :meth:`step` and :attr:`lr_factor` use
-        the recorded size and target for that batch. The record is part of :meth:`state_dict`,
-        so batches drawn but not trained before a checkpoint get the same sizes after it.
-        """
+        """Decide the batch that follows ``position`` and record it, for :meth:`step`, the
+        learning-rate factor and a resumed run to use (see :mod:`adabatch.plan`); called by the sampler."""
         return self.plan.draw(position)[:2]
 
     @property
@@ -259,19 +232,6 @@ class BatchSizeScheduler:
     def reference_batch_size(self) -> int:
         """The batch size at which the learning-rate factor is 1."""
         return self.lr.reference_batch_size
-
-    def _initial_size(self) -> int:
-        # The schedule's start under the static bounds: a memory cap that falls below it later,
-        # or an adaptive schedule's later decisions, must not move the reference (and with it
-        # every learning rate).
-        start = Progress(samples=0, dataset_size=self.dataset_size)
-        return self.constraints.apply(self.schedule.initial_size(start), memory=False)
-
-    def _adam_family(self) -> bool:
-        return is_adam_family(self.optimizer)
-
-    def _noise_scale(self) -> float:
-        return math.nan if self.noise_meter is None else self.noise_meter.noise.noise_scale
 
     @property
     def warmup_steps(self) -> int:
@@ -418,13 +378,10 @@ class BatchSizeScheduler:
         micro-batches. BatchNorm layers in training mode see each micro-batch's own statistics
         (ghost batch norm, Hoffer et al. 2017), which is why micro-batches keep to the floor.
 
-        If a micro-batch runs out of memory, what the attempt held is freed (gradients set to
-        ``None``, the GradScaler's per-step state reset, the device's cache emptied), the memory
-        cap is lowered and the SAME batch is tried again in smaller micro-batches: the optimizer
-        steps exactly once per batch and no sample is skipped or counted twice. An
-        out-of-memory error raised after the optimizer changed the parameters (from a step
-        post-hook, say) cannot be retried without applying the batch twice: the step is counted
-        and the error propagates. Other errors propagate untouched.
+        If a micro-batch runs out of memory, what the attempt held is freed, the memory cap is
+        lowered and the SAME batch is tried again in smaller micro-batches: the optimizer steps
+        once per batch and no sample is skipped or counted twice (see
+        :class:`~adabatch.training_step.TrainingStep`). Other errors propagate untouched.
 
         Args:
             batch: what the DataLoader yields: a tensor, or a tuple, list or dict of tensors
@@ -433,13 +390,11 @@ class BatchSizeScheduler:
                 micro-batch (the usual ``reduction="mean"``), a scalar tensor.
             scaler (torch.amp.GradScaler, optional): scales the loss for mixed precision and
                 steps the optimizer. Default: none.
-            no_sync (callable, optional): under torch.distributed with a
-                ``DistributedDataParallel`` model, its ``no_sync`` method. The micro-batches'
-                backward passes then run without DDP's gradient all-reduce; once every rank
-                has finished (or said it ran out of memory, reduced by MAX so all retry
-                together), train_step averages the gradients itself. A DDP model without it
-                all-reduces inside backward, where a rank that ran out of memory in its forward
-                pass would leave the others waiting. Default: none.
+            no_sync (callable, optional): a ``DistributedDataParallel`` model's ``no_sync``:
+                backward passes then run without DDP's all-reduce, and once every rank has
+                finished (or ran out of memory, so all retry together) train_step averages the
+                gradients itself. Without it a rank out of memory in its forward pass would
+                leave the others waiting in backward. Default: none.
 
         Returns:
             the batch's mean loss (detached, on the loss's device).
@@ -465,15 +420,7 @@ class BatchSizeScheduler:
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's own numbers, as a new dict (no optimizer, schedule or writer inside)."""
-        return {
-            **self.plan.state_dict(),
-            **self.lr.state_dict(),
-            self._DATASET_SIZE: self.dataset_size,
-            self._MEMORY: self.memory.state_dict(),
-            self._NOISE: None if self.noise_meter is None else self.noise_meter.noise.state_dict(),
-            self._NOISE_PAIR: None if self.noise_meter is None else self.noise_meter.pairing_state(),
-            self._SCHEDULE: self.schedule.state_dict(),
-        }
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the numbers saved by :meth:`state_dict`.
@@ -483,49 +430,7 @@ class BatchSizeScheduler:
                 saved for a dataset of another size or with another kind of schedule, or if it
                 plans a batch this scheduler could not have drawn. Nothing is restored then.
         """
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"scheduler state_dict must be a dict, got {type(state_dict).__name__}")
-        for key in self._REQUIRED:
-            if key not in state_dict:
-                raise ValueError(f"scheduler state_dict is missing {key!r}")
-        saved_size = state_dict[self._DATASET_SIZE]
-        if saved_size is not None and (not is_integer(saved_size) or saved_size < 1):
-            raise ValueError(f"scheduler state_dict['dataset_size'] must be a positive integer or None, "
-                             f"got {saved_size!r}")
-        if saved_size is not None and self.dataset_size is not None and saved_size != self.dataset_size:
-            raise ValueError(
-                f"scheduler state_dict was saved for dataset_size={saved_size}, but this scheduler's dataset "
-                f"has {self.dataset_size} samples"
-            )
-        before = self.state_dict(), self._expected_dataset_size, self.plan.tracking
-        try:
-            self._load(state_dict, self._highest_target)
-        except Exception:
-            self._load(before[0], None)
-            self._expected_dataset_size, self.plan.tracking = before[1:]
-            raise
-        self._expected_dataset_size = None if saved_size is None else int(saved_size)
-
-    def _load(self, state_dict: Mapping[str, Any], highest_target: Callable[[int], float] | None) -> None:
-        self.plan.load_state_dict(state_dict, highest_target)
-        self.lr.load_state_dict(state_dict)
-        noise = state_dict[self._NOISE]
-        if noise is not None and self.noise_meter is not None:
-            self.noise_meter.noise.load_state_dict(noise)
-        if self.noise_meter is not None:
-            self.noise_meter.load_pairing_state(state_dict.get(self._NOISE_PAIR))
-        if state_dict[self._SCHEDULE] is not None:  # None: a timetable's, saved before schedules kept state
-            self.schedule.load_state_dict(state_dict[self._SCHEDULE])
-        self.memory.load_state_dict(state_dict[self._MEMORY])
-        self.constraints.set_memory_cap(self.memory.cap)
-
-    def _highest_target(self, position: int) -> float:
-        """The largest target a batch drawn at ``position`` may have been given: a timetable's
-        own size there (a memory cap may have lowered it), an adaptive schedule's largest."""
-        if self.schedule.needs_noise or isinstance(self.schedule, Lambda):  # sizes not from progress alone
-            return self.constraints.largest(memory=False)
-        progress = Progress(samples=position, dataset_size=self.dataset_size)
-        return self.constraints.apply(self.schedule(progress), memory=False)
+        self._expected_dataset_size = checkpoint.load_state_dict(self, state_dict)
 
     def __repr__(self) -> str:
         return (

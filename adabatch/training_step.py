@@ -51,6 +51,10 @@ class _Attempt:
 class TrainingStep:
     """Trains one batch in micro-batches, with out-of-memory retry agreed over the ranks.
 
+    After an out-of-memory error, what the attempt held is freed (gradients set to ``None``,
+    the GradScaler's per-step state reset, the device's cache emptied), the memory cap is
+    lowered below the micro-batch that failed, and the same batch is tried again.
+
     Args:
         optimizer (Optimizer): steps once per batch.
         constraints (BatchSizeConstraints): cut the batch into micro-batches; their memory cap
