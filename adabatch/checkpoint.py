@@ -92,8 +92,10 @@ def _load(scheduler: BatchSizeScheduler, state: Mapping[str, Any],
 def _highest_target(scheduler: BatchSizeScheduler, position: int) -> float:
     """The largest target a batch drawn at ``position`` may have been given: a timetable's own
     size there (a memory cap may have lowered it); an adaptive schedule's or a callable's
-    largest, as their sizes do not follow from progress alone."""
+    largest, as their sizes do not follow from progress alone, and the largest while the dataset
+    is unknown."""
     schedule, constraints = scheduler.schedule, scheduler.constraints
-    if schedule.needs_noise or isinstance(schedule, Lambda):
+    # Before a sampler binds, a timetable in epochs cannot be read: only the bounds are known.
+    if schedule.needs_noise or isinstance(schedule, Lambda) or scheduler.dataset_size is None:
         return constraints.largest(memory=False)
     return constraints.apply(schedule(Progress(samples=position, dataset_size=scheduler.dataset_size)), memory=False)

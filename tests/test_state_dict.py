@@ -133,7 +133,7 @@ def test_a_missing_key_is_refused_by_name(key: str) -> None:
     [
         ("memory", None, "the memory state must be a dict"),
         ("memory", {"peaks": {}, "ceiling": 0, "learned": None}, "the memory state's 'ceiling' must be a positive"),
-        ("memory", {"peaks": {"8": 100}, "ceiling": None, "learned": None}, "the memory state's 'peaks' must map"),
+        ("memory", {"peaks": {"eight": 100}, "ceiling": None, "learned": None}, "the memory state's 'peaks' must map"),
         ("dataset_size", "100", r"state_dict\['dataset_size'\] must be a positive integer or None, got '100'"),
         ("warmup_from", "1", r"state_dict\['warmup_from'\] must be a positive number or None"),
         ("plan", None, r"state_dict\['plan'\] must be a list"),

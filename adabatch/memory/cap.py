@@ -78,14 +78,22 @@ class MemoryModel:
             ValueError: if ``peaks`` is not a mapping of positive integers to positive integers.
         """
         peaks = state_dict.get("peaks") if isinstance(state_dict, Mapping) else None
+        # A state that went through JSON has its sizes as strings.
         if not isinstance(peaks, Mapping) or not all(
-                is_integer(b) and is_integer(p) and b > 0 and p > 0 for b, p in peaks.items()):
+                _positive_int(b) is not None and _positive_int(p) is not None for b, p in peaks.items()):
             raise ValueError(f"the memory state's 'peaks' must map micro-batch sizes to peak bytes (positive "
                              f"integers), got {peaks!r}")
-        self.peaks = {int(b): int(p) for b, p in peaks.items()}
+        self.peaks = {_positive_int(b): _positive_int(p) for b, p in peaks.items()}  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"MemoryModel(peaks={self.peaks})"
+
+
+def _positive_int(value: object) -> int | None:
+    """``value`` as a positive int, from an integer or a string of digits; else ``None``."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return int(value) if is_integer(value) and value > 0 else None  # type: ignore[call-overload,operator]
 
 
 class BatchSizeFloorError(RuntimeError):
