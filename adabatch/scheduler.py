@@ -58,7 +58,8 @@ class BatchSizeScheduler:
         min_batch_size (int): smallest batch each replica (and each micro-batch) trains on; use
             :func:`~adabatch.bn_safe_min_batch_size` for models with BatchNorm. Default: 1.
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
-        multiple_of (int): each replica's batch is a multiple of this. Default: 1.
+        multiple_of (int): each replica's batch is a multiple of this, except where
+            ``remainder="balance"`` ends an epoch (the rule is in :mod:`adabatch.layout`). Default: 1.
         lr_scaling (str or callable): how the learning rate follows the batch size, as a
             function of ``batch_size / reference_batch_size``: ``"none"`` (Smith et al. 2018),
             ``"linear"`` (Goyal et al. 2017), ``"sqrt"`` (Krizhevsky 2014; Malladi et al. 2022
@@ -204,7 +205,8 @@ class BatchSizeScheduler:
             ValueError: if a different dataset size was given or bound before, or if the
                 constraints cannot hold for this dataset and policy.
         """
-        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas))
+        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas),
+                             self.constraints.multiple_of)
         if self.layout is not None:
             same = (self.layout.dataset_size, self.layout.num_replicas, self.layout.remainder)
             if same != (dataset_size, num_replicas, remainder):
