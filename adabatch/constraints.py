@@ -62,8 +62,9 @@ class BatchSizeConstraints:
         min_batch_size (int): smallest batch each replica may train on (the BatchNorm floor; see
             :func:`bn_safe_min_batch_size`). Default: 1.
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
-        multiple_of (int): each replica's batch is a multiple of this (e.g. 8 for tensor
-            cores). Default: 1.
+        multiple_of (int): every size :meth:`apply` hands out is a multiple of this per replica
+            (e.g. 8 for tensor cores); where ``remainder="balance"`` ends an epoch, the rule in
+            :mod:`adabatch.layout` applies. Default: 1.
         accumulate (bool): whether a batch larger than the memory cap may be trained in
             micro-batches (``BatchSizeScheduler.train_step`` does); if not, the memory cap also
             caps the batch. Default: ``False``.

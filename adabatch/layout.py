@@ -11,10 +11,20 @@ Remainder policies, for a dataset of ``N`` samples, ``R`` replicas and a wanted 
 
 ``"balance"`` (default)
     Batches have size ``b`` until fewer than ``2b`` samples are left in the epoch; the rest is
-    then split into one or two batches of nearly equal size (they differ by at most one sample
-    per replica). Each is at most ``b``, unless splitting in two would put a batch below
-    ``min_batch_size``, in which case the rest is one batch of fewer than ``2 * min_batch_size``
-    samples per replica (which the cap must allow). Every index appears exactly once per epoch.
+    then one or two batches. Per replica, with ``L`` samples left, ``b`` wanted, floor ``f``
+    (``min_batch_size``) and granularity ``m`` (``multiple_of``):
+
+    * one batch of ``L`` if ``L <= b``, or if ``L < 2f`` (two batches would put one below the
+      floor; the cap must then allow ``2f - 1``, which the scheduler checks);
+    * otherwise two: the first is the multiple of ``m`` nearest ``L / 2`` (the larger on a tie)
+      among those that keep both batches within ``[f, b]``, the second is the rest. They
+      differ by at most ``m`` samples per replica when ``b`` is a multiple of ``m`` (every
+      size the constraints hand out is). If no multiple of ``m`` fits (with ``b`` a multiple
+      of ``m``: exactly when ``L < f + ceil(f / m) * m``, just above the floor), the first is
+      ``ceil(L / 2)`` and they differ by at most one.
+
+    So every batch of an epoch but the last is a multiple of ``m`` per replica, except in that
+    near-floor case; the last holds what is left. Every index appears exactly once per epoch.
     If ``N`` is not a multiple of ``R``, the last ``N % R`` samples of each epoch's permutation
     (a different few each epoch when shuffling) are left out of that epoch.
 ``"wrap"``
@@ -47,15 +57,21 @@ class EpochLayout:
         remainder (str): ``"balance"``, ``"wrap"`` or ``"drop"``. Default: ``"balance"``.
         min_batch_size (int): per-replica floor that ``"balance"`` keeps tail batches above.
             Default: 1.
+        multiple_of (int): per-replica granularity that ``"balance"`` rounds the first of two
+            tail batches to, where the floor allows (e.g. 8 for tensor cores). Default: 1.
     """
 
-    def __init__(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance", min_batch_size: int = 1):
+    def __init__(
+        self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance", min_batch_size: int = 1,
+        multiple_of: int = 1,
+    ) -> None:
         if is_integer(dataset_size) and dataset_size == 0:
             raise ValueError("the dataset is empty: an AdaptiveBatchSampler needs at least one sample")
         self.dataset_size = check_positive_int("dataset_size", dataset_size)
         self.num_replicas = check_positive_int("num_replicas", num_replicas)
         self.remainder = check_choice("remainder", remainder, REMAINDER_POLICIES)
         self.min_batch_size = check_positive_int("min_batch_size", min_batch_size)
+        self.multiple_of = check_positive_int("multiple_of", multiple_of)
         if self.dataset_size < self.num_replicas:
             raise ValueError(f"dataset_size ({dataset_size}) must be at least num_replicas ({num_replicas})")
         # Under "balance" each epoch uses the largest multiple of num_replicas that fits.
@@ -93,12 +109,18 @@ class EpochLayout:
 
     def _tail_batch(self, left: int, size: int) -> int:
         """Size of the first of the batches that share the last ``left < 2 * size`` samples."""
-        replicas = self.num_replicas
+        replicas, floor, multiple = self.num_replicas, self.min_batch_size, self.multiple_of
         left_per_replica, size_per_replica = left // replicas, size // replicas
-        batches = -(-left_per_replica // size_per_replica)
-        if batches > 1 and left_per_replica // batches < self.min_batch_size:
-            batches -= 1
-        return -(-left_per_replica // batches) * replicas
+        if left_per_replica <= size_per_replica or left_per_replica < 2 * floor:
+            return left_per_replica * replicas
+        # The first batch may take from `lowest` to `highest` samples per replica and leave the
+        # second within [floor, size] too; of those, the multiple of `multiple` nearest half.
+        lowest = -(-max(left_per_replica - size_per_replica, floor) // multiple) * multiple
+        highest = min(size_per_replica, left_per_replica - floor) // multiple * multiple
+        if lowest > highest:
+            return -(-left_per_replica // 2) * replicas
+        nearest_half = (left_per_replica + multiple) // (2 * multiple) * multiple
+        return min(max(nearest_half, lowest), highest) * replicas
 
     def batches_until_epoch_end(self, position: int, target_at: Callable[[int], int]) -> int:
         """How many batches :meth:`next_batch` yields from ``position`` to the end of its epoch."""
@@ -114,5 +136,5 @@ class EpochLayout:
     def __repr__(self) -> str:
         return (
             f"EpochLayout(dataset_size={self.dataset_size}, num_replicas={self.num_replicas}, "
-            f"remainder={self.remainder!r}, min_batch_size={self.min_batch_size})"
+            f"remainder={self.remainder!r}, min_batch_size={self.min_batch_size}, multiple_of={self.multiple_of})"
         )

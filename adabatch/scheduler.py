@@ -59,7 +59,8 @@ class BatchSizeScheduler:
         min_batch_size (int): smallest batch each replica (and each micro-batch) trains on; use
             :func:`~adabatch.bn_safe_min_batch_size` for models with BatchNorm. Default: 1.
         max_batch_size (int, optional): largest global batch. Default: the dataset size.
-        multiple_of (int): each replica's batch is a multiple of this. Default: 1.
+        multiple_of (int): each replica's batch is a multiple of this, except where
+            ``remainder="balance"`` ends an epoch (the rule is in :mod:`adabatch.layout`). Default: 1.
         lr_scaling (str or callable): how the learning rate follows ``batch_size /
             reference_batch_size``: ``"none"`` (Smith et al. 2018), ``"linear"`` (Goyal et al.
             2017), ``"sqrt"`` (Krizhevsky 2014), ``"gain"`` (AdaScale, Johnson et al. 2020; see
@@ -194,7 +195,8 @@ class BatchSizeScheduler:
             ValueError: if a different dataset size was given or bound before, or if the
                 constraints cannot hold for this dataset and policy.
         """
-        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas))
+        layout = EpochLayout(dataset_size, num_replicas, remainder, self.constraints.floor_for(num_replicas),
+                             self.constraints.multiple_of)
         if self.plan.layout is not None:
             return self.plan.bind(layout)
         for name, expected in (("dataset_size", self.dataset_size), ("the state_dict's dataset_size",

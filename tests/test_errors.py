@@ -476,6 +476,7 @@ INTEGER_PARAMETERS = {
     "EpochLayout.dataset_size": (lambda n: EpochLayout(n * 10), lambda l: l.dataset_size),
     "EpochLayout.num_replicas": (lambda n: EpochLayout(100, num_replicas=n), lambda l: l.num_replicas),
     "EpochLayout.min_batch_size": (lambda n: EpochLayout(100, min_batch_size=n), lambda l: l.min_batch_size),
+    "EpochLayout.multiple_of": (lambda n: EpochLayout(100, multiple_of=n), lambda l: l.multiple_of),
     "TensorBoardLogger.log_every": (lambda n: TensorBoardLogger(Writer(), log_every=n), lambda l: l.log_every),
     "DemoConfig.epochs": (lambda n: DemoConfig(epochs=n), lambda c: c.epochs),
     "DemoConfig.num_samples": (lambda n: DemoConfig(num_samples=n * 100), lambda c: c.num_samples),

@@ -410,6 +410,7 @@ def prefetched(iterable: Iterable, ahead: int) -> Iterator:
     factor=st.sampled_from([1.5, 2, 3]),
     milestones=st.lists(st.floats(0.2, 3.0), min_size=0, max_size=3, unique=True).map(sorted),
     min_batch_size=st.integers(1, 3),
+    multiple_of=st.sampled_from([1, 2, 4]),
     remainder=st.sampled_from(REMAINDERS),
     data=st.data(),
 )
@@ -419,6 +420,7 @@ def test_resume_is_exact_for_any_schedule_and_prefetch_depth(
     factor: float,
     milestones: list[float],
     min_batch_size: int,
+    multiple_of: int,
     remainder: str,
     data: st.DataObject,
 ) -> None:
@@ -427,7 +429,8 @@ def test_resume_is_exact_for_any_schedule_and_prefetch_depth(
     def fresh() -> tuple[BatchSizeScheduler, AdaptiveBatchSampler]:
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
         scheduler = BatchSizeScheduler(
-            optimizer, schedules.Step(start, factor, milestones), min_batch_size=min_batch_size
+            optimizer, schedules.Step(start, factor, milestones), min_batch_size=min_batch_size,
+            multiple_of=multiple_of,
         )
         return scheduler, AdaptiveBatchSampler(dataset_size, scheduler, seed=3, remainder=remainder)
 

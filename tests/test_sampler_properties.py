@@ -224,17 +224,36 @@ def test_balance(setup):
             else:
                 tail = tail or (offset, wanted, number)
             offset += size
-        # The end of the epoch: one or two nearly equal batches, none above the size wanted there
-        # unless splitting would go below the floor.
-        tail_offset, wanted, first = tail
-        tail_sizes = [len(flat(batch)) for batch in batches[first:]]
-        assert len(tail_sizes) in (1, 2)
-        assert sum(tail_sizes) == usable - tail_offset
-        if len(tail_sizes) == 2:
-            assert abs(tail_sizes[0] - tail_sizes[1]) <= replicas
-            assert max(tail_sizes) <= wanted
-        else:
-            assert tail_sizes[0] <= wanted or tail_sizes[0] // replicas < 2 * floor
+        check_balanced_tail(setup, batches[tail[2]:], left=(usable - tail[0]) // replicas, wanted=tail[1] // replicas)
+        # What a user of tensor cores relies on: every batch but the last is a multiple of
+        # multiple_of per replica, unless the tail sits just above the floor.
+        near_floor = len(batches) - tail[2] == 2 and (usable - tail[0]) // replicas < floor + setup.lowest
+        assert near_floor or all(len(batch[0]) % setup.multiple_of == 0 for batch in batches[:-1])
+
+
+def check_balanced_tail(setup: Setup, batches: list[list[list[int]]], left: int, wanted: int) -> None:
+    """The documented end of a balanced epoch, per replica, from ``left`` samples when ``wanted``
+    are wanted: one batch if ``left <= wanted`` or two would go below the floor; otherwise two, the
+    first the multiple of multiple_of nearest half of ``left`` (the larger on a tie) of those that
+    keep both within [floor, wanted], or, if there is none, ``ceil(left / 2)``."""
+    floor, multiple = setup.min_batch_size, setup.multiple_of
+    sizes = [len(batch[0]) for batch in batches]
+    assert sum(sizes) == left
+    if left <= wanted or left < 2 * floor:
+        event("balance: the tail is one batch")
+        assert len(sizes) == 1
+        return
+    assert len(sizes) == 2
+    assert all(floor <= size <= wanted for size in sizes)
+    fitting = [size for size in range(floor, wanted + 1) if size % multiple == 0 and floor <= left - size <= wanted]
+    assert (not fitting) == (left < floor + setup.lowest), "none fits exactly in the documented near-floor case"
+    if not fitting:
+        event("balance: no multiple of multiple_of fits the two tail batches")
+        assert sizes[0] == -(-left // 2)
+        return
+    event(f"balance: the tail is two batches, {'rounded to multiple_of' if multiple > 1 else 'halves'}")
+    assert sizes[0] == min(fitting, key=lambda size: (abs(2 * size - left), -size))
+    assert sizes[0] % multiple == 0 and abs(sizes[0] - sizes[1]) <= multiple
 
 
 @PROPERTY_SETTINGS
@@ -319,6 +338,27 @@ def test_wrap_and_drop_keep_batches_of_128():
     # iteration starts 24, 48, ... samples into its epoch.
     assert sizes_of(setup, "wrap") == [[128] * 8] * EPOCHS
     assert sizes_of(setup, "drop") == [[128] * 7] * EPOCHS
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        # The tail of 232 is 120 + 112, not 116 + 116: tensor cores get multiples of 8.
+        (Setup(dataset_size=1000, schedule=schedules.Constant(128), min_batch_size=16, multiple_of=8),
+         [128] * 6 + [120, 112]),
+        # The last batch holds what is left: 233 = 120 + 113.
+        (Setup(dataset_size=1001, schedule=schedules.Constant(128), min_batch_size=16, multiple_of=8),
+         [128] * 6 + [120, 113]),
+        # Per replica 58 left of 32 wanted: 32 + 26 (24 + 34 would exceed 32).
+        (Setup(dataset_size=1003, schedule=schedules.Constant(128), num_replicas=4, min_batch_size=8, multiple_of=8),
+         [128] * 6 + [128, 104]),
+        # Near the floor: 20 left of 16 wanted, floor 10. 16 + 4 and 8 + 12 break the floor or
+        # the size wanted, so the tail is halved as without multiple_of.
+        (Setup(dataset_size=100, schedule=schedules.Constant(16), min_batch_size=10, multiple_of=8), [16] * 5 + [10, 10]),
+    ],
+)
+def test_a_balanced_tail_is_cut_at_a_multiple_of_multiple_of(setup, expected):
+    assert sizes_of(setup, "balance") == [expected] * EPOCHS
 
 
 def test_a_tail_below_twice_the_floor_stays_one_batch():

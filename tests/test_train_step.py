@@ -103,6 +103,9 @@ STRUCTURES = {
     "list": (lambda i, x, y: [i, x, y], lambda batch: batch),
     "dict": (lambda i, x, y: {"name": "not a tensor", "index": i, "features": x, "target": y},
              lambda batch: (batch["index"], batch["features"], batch["target"])),
+    "nested tuple": (lambda i, x, y: ((i, x), [y]), lambda batch: (batch[0][0], batch[0][1], batch[1][0])),
+    "nested dict": (lambda i, x, y: {"inputs": {"index": i, "features": x}, "labels": {"target": (y,)}},
+                    lambda batch: (batch["inputs"]["index"], batch["inputs"]["features"], batch["labels"]["target"][0])),
 }
 
 
