@@ -386,8 +386,8 @@ class BatchSizeScheduler:
         :class:`~adabatch.training_step.TrainingStep`). Other errors propagate untouched.
 
         Args:
-            batch: what the DataLoader yields: a tensor, or a tuple, list or dict of tensors
-                whose first dimension is the batch.
+            batch: what the DataLoader yields: a tensor, or tuples, lists, named tuples and
+                dicts of tensors nested to any depth, whose first dimension is the batch.
             loss_fn (callable): ``loss_fn(micro_batch)`` returns the MEAN loss over the
                 micro-batch (the usual ``reduction="mean"``), a scalar tensor.
             scaler (torch.amp.GradScaler, optional): scales the loss for mixed precision and
@@ -403,6 +403,8 @@ class BatchSizeScheduler:
 
         Raises:
             BatchSizeFloorError: if a micro-batch of ``min_batch_size`` samples runs out of memory.
+            ValueError: if the batch's tensors disagree on the number of samples (before
+                anything trains).
 
         Example:
             >>> for x, y in loader:
