@@ -46,8 +46,12 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     An iteration yields the rest of an epoch, from where training stands (the scheduler's
     trained position; see :meth:`_resume_position`) to the end of the epoch. After
-    :meth:`set_epoch` it is the rest of that epoch; without it, each new iteration continues
-    with the epoch the stream is in, so forgetting ``set_epoch`` does not replay the same order.
+    :meth:`set_epoch` it is the rest of that epoch, for every iteration until one has drawn
+    the epoch's last batch: a DataLoader calls ``iter()`` on its batch sampler once or several
+    times per epoch (twice when it starts workers, more when a ``StatefulDataLoader``
+    restores the sampler), and each call starts at the same place. Without ``set_epoch``, an
+    iteration begun after that continues with the epoch the stream is in, so forgetting
+    ``set_epoch`` does not replay the same order.
 
     Args:
         data_source (Sized or int): the dataset, or its size.
@@ -109,7 +113,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.dataset_size = dataset_size
         self.remainder = remainder
         self._epoch = 0
-        self._epoch_requested = False  # set_epoch() was called since the last iteration began
+        # Iterations cover the rest of self._epoch: set_epoch chose it, or an iteration began in
+        # it, and no iteration has drawn its last batch since.
+        self._in_epoch = False
+        self._epoch_chosen = False  # by set_epoch, and no batch drawn since: a restored snapshot keeps it
+        self._iteration: _BatchIterator | None = None  # the latest, the one that moves the epoch on
         self._cursor = 0  # stream position after the last batch this sampler drew
         self._cursor_known = False  # drawn from, or restored
         self._permutations: dict[int, np.ndarray] = {}
@@ -120,12 +128,16 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration cover the rest of ``epoch``.
+        """Make the coming iterations cover the rest of ``epoch``.
 
         A later epoch moves the stream forward to its start (and the scheduler with it). The
         epoch training is in, or the one just finished, gives the rest of that epoch (possibly
         nothing), so a loop resumed from a checkpoint can call ``set_epoch`` with the epoch
-        counter it saved.
+        counter it saved. Every iteration begun before one draws the epoch's last batch covers
+        the same rest, however often the DataLoader calls ``iter()``; an epoch with nothing
+        left gives nothing until the next ``set_epoch``. The epoch set here also outlasts a
+        snapshot that a ``StatefulDataLoader`` restores into the sampler afterwards (the
+        snapshot's position still counts).
 
         Raises:
             ValueError: if ``epoch`` is negative or already over, other than the one just
@@ -140,7 +152,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 f"only move forward; load an earlier state_dict to replay one"
             )
         self._epoch = epoch
-        self._epoch_requested = True
+        self._in_epoch = self._epoch_chosen = True
 
     def _resume_position(self) -> int:
         """Stream position of the next batch.
@@ -159,19 +171,35 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     def _coming_epoch(self) -> tuple[int, int, int]:
         """``(epoch, start, end)`` of the coming iteration: batches starting in ``[start, end)``."""
         start = self._resume_position()
-        if self._epoch_requested:
+        if self._in_epoch:
             start = max(start, self.layout.epoch_start(self._epoch))
         start = self.scheduler.next_batch(start)[0]
-        epoch = self._epoch if self._epoch_requested else self.layout.epoch_of(start)
+        epoch = self._epoch if self._in_epoch else self.layout.epoch_of(start)
         return epoch, start, self.layout.epoch_start(epoch + 1)
 
     def __iter__(self) -> Iterator[list[int]]:
         self._epoch, start, end = self._coming_epoch()
-        self._epoch_requested = False
+        self._in_epoch = True
         # set_epoch may have moved the stream past what the scheduler counted as trained.
         self.scheduler.skip_to(start)
         self._cursor, self._cursor_known = start, True
-        return _BatchIterator(self, start, end)
+        self._iteration = _BatchIterator(self, start, end)
+        return self._iteration
+
+    def _drew(self, iteration: _BatchIterator) -> None:
+        """``iteration`` drew a batch that ends at its position."""
+        if iteration is self._iteration:  # not one the DataLoader replaced by a later iter() call
+            self._cursor = iteration.position
+            self._epoch_chosen = False
+
+    def _ran_out(self, iteration: _BatchIterator, position: int) -> None:
+        """``iteration`` has no batch left in its epoch; the next would start at ``position``."""
+        if iteration is self._iteration:
+            self._cursor = max(self._cursor, position)
+            # An iteration that drew nothing found the epoch over already: a restored
+            # StatefulDataLoader replays and then replaces such an iteration within one iter() call.
+            if iteration.drew:
+                self._in_epoch = False
 
     def __len__(self) -> int:
         """Batches in the coming iteration (exact for schedules that depend on progress only)."""
@@ -240,8 +268,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                     f"sampler state_dict was saved with {key}={state_dict[key]!r}, but this sampler has "
                     f"{key}={mine!r}; resuming would train on other batches"
                 )
-        self._epoch = epoch
-        self._epoch_requested = False
+        if not self._epoch_chosen:
+            self._epoch, self._in_epoch = epoch, False
+        self._iteration = None
         self._cursor, self._cursor_known = position, True
 
     def __repr__(self) -> str:
@@ -258,6 +287,7 @@ class _BatchIterator:
         self.sampler = sampler
         self.position = position
         self.end = end
+        self.drew = False
 
     def __iter__(self) -> _BatchIterator:
         return self
@@ -265,8 +295,9 @@ class _BatchIterator:
     def __next__(self) -> list[int]:
         start, size = self.sampler.scheduler.draw(self.position)
         if start >= self.end:
-            self.sampler._cursor = max(self.sampler._cursor, start)
+            self.sampler._ran_out(self, start)
             raise StopIteration
         self.position = start + size
-        self.sampler._cursor = self.position
+        self.drew = True
+        self.sampler._drew(self)
         return self.sampler.indices(start, size)

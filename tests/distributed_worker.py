@@ -69,15 +69,22 @@ def main(scenario: str, out_dir: str) -> None:
     record: dict = {"rank": rank, "world_size": world_size, "steps": [], "indices": []}
     epochs = int(os.environ.get("EPOCHS", "2"))
     stop_after = int(os.environ.get("STOP_AFTER", "0"))
+    # Checkpoint the whole run after this epoch, saved as docs/resume.md's loop saves after a step:
+    # with the epoch just finished. The run carries on.
+    save_after_epoch = int(os.environ.get("SAVE_AFTER_EPOCH", "-1"))
+    num_workers = int(os.environ.get("NUM_WORKERS", "0"))
     first_epoch = 0
     if os.environ.get("RESUME_FROM"):
         state = torch.load(os.environ["RESUME_FROM"])
+        if "model" in state:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         first_epoch = state["epoch"]
     for epoch in range(first_epoch, epochs):
         sampler.set_epoch(epoch)
-        for x, y, index in DataLoader(data, batch_sampler=sampler, num_workers=0):
+        for x, y, index in DataLoader(data, batch_sampler=sampler, num_workers=num_workers):
             scheduler.train_step((x, y), lambda b: F.cross_entropy(ddp(b[0]), b[1]), no_sync=ddp.no_sync)
             record["steps"].append({"size": len(x), "lr": effective[-1], "cap": scheduler.constraints.memory_cap,
                                     "noise": scheduler.noise_meter.noise.noise_scale
@@ -87,6 +94,10 @@ def main(scenario: str, out_dir: str) -> None:
                 break
         if stop_after and scheduler.steps == stop_after:
             break
+        if epoch == save_after_epoch and rank == 0:
+            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch},
+                       os.path.join(out_dir, "checkpoint.pt"))
     record["optimizer_steps"] = len(effective)
     record["scheduler_steps"] = scheduler.steps
     record["parameters"] = [p.detach().flatten().tolist() for p in net.parameters()]

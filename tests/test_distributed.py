@@ -117,6 +117,21 @@ def test_a_checkpoint_from_two_ranks_resumes_on_another_world_size(tmp_path: Pat
     assert sorted(before + after) == list(range(worker.DATASET_SIZE)), "the global stream continues: none skipped or repeated"
 
 
+def test_two_ranks_with_workers_resume_after_an_epoch_exactly(tmp_path: Path) -> None:
+    """The run saves after epoch 0 (as the epoch just finished) and carries on; two fresh ranks
+    resume from the checkpoint with DataLoader workers, which call iter() on the sampler twice
+    per epoch, and must train the rest of the run: the same shares, sizes, learning rates, weights."""
+    whole = launch("resume", tmp_path / "whole", EPOCHS="3", NUM_WORKERS="2", SAVE_AFTER_EPOCH="0")
+    resumed = launch("resume", tmp_path / "resumed", EPOCHS="3", NUM_WORKERS="2",
+                     RESUME_FROM=str(tmp_path / "whole" / "checkpoint.pt"))
+    stop = sum(epoch == 0 for epoch, _ in whole[0]["indices"])
+    assert 0 < stop < len(whole[0]["steps"])
+    for before, after in zip(whole, resumed):
+        assert after["indices"] == before["indices"][stop:]
+        assert after["steps"] == before["steps"][stop:]
+        assert after["parameters"] == before["parameters"]
+
+
 def test_train_step_refuses_to_skip_the_gradient_average_without_a_collective() -> None:
     """Sharded over two replicas with DDP's all-reduce turned off, a scheduler that cannot average
     the gradients would let the replicas' models drift apart silently."""

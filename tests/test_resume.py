@@ -79,9 +79,8 @@ def build(remainder: str, num_workers: int, loader_class: type = DataLoader, **l
         warmup_steps=3,
     )
     sampler = AdaptiveBatchSampler(DATASET, scheduler, shuffle=True, seed=0, remainder=remainder)
-    loader = loader_class(
-        DATASET, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0, **loader_options
-    )
+    loader_options = {"persistent_workers": num_workers > 0, **loader_options}
+    loader = loader_class(DATASET, batch_sampler=sampler, num_workers=num_workers, **loader_options)
     effective_lrs: list[float] = []
     # Registered after the scheduler's hook, so it sees the learning rate the step really uses.
     optimizer.register_step_pre_hook(
@@ -294,6 +293,69 @@ def test_resume_inside_the_loop_after_an_epoch_last_step(remainder: str) -> None
     training = build(remainder, 0)
     restore(training, saved)
     assert train(training, saved["epoch"]) == run.records[stop:]
+
+
+def loader_type(name: str) -> type:
+    if name == "DataLoader":
+        return DataLoader
+    return pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+
+
+WORKERS = {"no workers": (0, False), "2 workers": (2, False), "2 persistent workers": (2, True)}
+
+
+@pytest.mark.parametrize("stop", ["before training", "mid-epoch", "at an epoch boundary"])
+def test_every_iteration_after_set_epoch_starts_at_the_same_place(stop: str) -> None:
+    # A DataLoader calls iter() on its batch sampler once or more per epoch: twice when it
+    # starts workers, three times when a StatefulDataLoader restores the sampler.
+    training = build("balance", 0)
+    # The epoch passed to set_epoch: a later one, the one in progress, the one just finished.
+    steps, epoch = {"before training": (0, 1), "mid-epoch": (4, 0), "at an epoch boundary": (None, 0)}[stop]
+    for batch in islice(training.sampler, steps):
+        training.scheduler.step(len(batch))
+    training.sampler.set_epoch(epoch)
+    announced = len(training.sampler)
+    first = iter(training.sampler)  # which the DataLoader drops without drawing from it
+    batches = list(iter(training.sampler))
+    assert batches == list(first)
+    assert announced == len(batches)
+    assert (len(batches) == 0) == (stop == "at an epoch boundary")
+
+
+def test_without_set_epoch_an_iteration_after_the_last_batch_continues_with_the_next_epoch() -> None:
+    trained, told = build("balance", 0), build("balance", 0)
+    for training in trained, told:
+        training.sampler.set_epoch(0)
+        for batch in training.sampler:
+            training.scheduler.step(len(batch))
+    told.sampler.set_epoch(1)
+    assert list(trained.sampler) == list(told.sampler) != []
+    assert trained.sampler.epoch == 1
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+@pytest.mark.parametrize("loader", ["DataLoader", "StatefulDataLoader"])
+@pytest.mark.parametrize("workers", WORKERS)
+def test_resume_after_an_epoch_saved_as_the_epoch_just_finished(workers: str, loader: str) -> None:
+    # A loop that checkpoints after an epoch with the epoch it just finished resumes with
+    # set_epoch of that epoch, which gives nothing; the next set_epoch gives the next epoch. A
+    # loader with workers calls iter() on the sampler twice when it builds its iterator, and
+    # the second call must start where the first did, not one epoch further.
+    run = uninterrupted("balance", 0)
+    num_workers, persistent_workers = WORKERS[workers]
+    options = {"persistent_workers": persistent_workers}
+    stopped = build("balance", num_workers, loader_type(loader), **options)
+    saved: list[dict[str, Any]] = []
+    train(stopped, 0, after_epoch=lambda next_epoch: saved.append(checkpoint(stopped, next_epoch - 1)))
+    stop = next(k for k, record in enumerate(run.records) if record.epoch == 2)
+    state = saved[1]  # after epochs 0 and 1, saved as epoch 1
+    del stopped
+
+    fresh = build("balance", num_workers, loader_type(loader), **options)
+    restore(fresh, state)
+    assert train(fresh, state["epoch"]) == run.records[stop:]
+    assert fresh.scheduler.epoch == EPOCHS
+    assert_same_parameters(list(fresh.model.parameters()), run.parameters)
 
 
 # ----------------------------------------------------------------- StatefulDataLoader
