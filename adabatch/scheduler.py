@@ -416,9 +416,10 @@ class BatchSizeScheduler:
                 f"gradients, and this scheduler has none: initialise the torch.distributed process group before "
                 f"building the AdaptiveBatchSampler, or pass collective= to BatchSizeScheduler"
             )
+        batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
         measure = self.noise_meter is not None and self.noise_sampling.due(
-            self.plan.position, batch_length(batch) * self.num_replicas)
-        return self._training_step.run(batch, loss_fn, scaler=scaler, no_sync=no_sync, measure=measure,
+            self.plan.position, batch_size * self.num_replicas)
+        return self._training_step.run(batch, batch_size, loss_fn, scaler=scaler, no_sync=no_sync, measure=measure,
                                        count=lambda outcome: self._count(outcome.batch_size, outcome))
 
     # ------------------------------------------------------------- checkpoint

@@ -17,7 +17,7 @@ import torch
 from .constraints import BatchSizeConstraints
 from .distributed import RankAgreement
 from .memory import MemoryCap, catch_out_of_memory
-from .micro_batches import Batch, batch_length, reset_grad_scaler_step, split_batch
+from .micro_batches import Batch, reset_grad_scaler_step, split_batch
 from .noise import GradientNoiseMeter, NoiseSampling
 
 __all__ = ["StepOutcome", "TrainingStep"]
@@ -85,6 +85,7 @@ class TrainingStep:
     def run(
         self,
         batch: Batch,
+        batch_size: int,
         loss_fn: Callable[[Batch], torch.Tensor],
         *,
         scaler: Any,
@@ -92,13 +93,13 @@ class TrainingStep:
         measure: bool,
         count: Callable[[StepOutcome], None],
     ) -> torch.Tensor:
-        """Train ``batch``, call ``count`` with the outcome, and return the batch's mean loss.
+        """Train ``batch`` of ``batch_size`` samples (its ``batch_length``), call ``count``
+        with the outcome, and return the batch's mean loss.
 
         An out-of-memory error raised after the optimizer changed the parameters (from a step
         post-hook, say) cannot be retried without applying the batch twice: the step is
         counted and the error propagates.
         """
-        batch_size = batch_length(batch)
         floor = self.constraints.floor_per_replica
         while True:
             sizes = self.constraints.micro_batch_sizes(batch_size)
@@ -152,7 +153,7 @@ class TrainingStep:
         total = None
         with no_sync() if no_sync is not None else contextlib.nullcontext():
             for index, micro_batch in enumerate(split_batch(batch, sizes)):
-                loss = loss_fn(micro_batch) * (batch_length(micro_batch) / batch_size)
+                loss = loss_fn(micro_batch) * (sizes[index] / batch_size)
                 (loss if scaler is None else scaler.scale(loss)).backward()
                 total = loss.detach() if total is None else total + loss.detach()
                 if meter is not None and index == 0:
