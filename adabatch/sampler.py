@@ -153,6 +153,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             )
         self._epoch = epoch
         self._in_epoch = self._epoch_chosen = True
+        self._iteration = None  # one begun before no longer moves the epoch on
 
     def _resume_position(self) -> int:
         """Stream position of the next batch.
@@ -251,6 +252,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict`.
+
+        The saved epoch is restored too, unless :meth:`set_epoch` chose one since the last
+        batch was drawn: a ``StatefulDataLoader`` restores the sampler when the loop iterates
+        it, after the loop's ``set_epoch``.
 
         Raises:
             ValueError: if a key is missing, a value is negative, or the state was saved with

@@ -322,6 +322,17 @@ def test_every_iteration_after_set_epoch_starts_at_the_same_place(stop: str) -> 
     assert (len(batches) == 0) == (stop == "at an epoch boundary")
 
 
+def test_an_iteration_begun_before_set_epoch_does_not_end_the_epoch_set() -> None:
+    training, told = build("balance", 0), build("balance", 0)
+    training.sampler.set_epoch(0)
+    earlier = iter(training.sampler)
+    training.scheduler.step(len(next(earlier)))
+    training.sampler.set_epoch(2)
+    list(earlier)  # drawn to the end of epoch 0 after set_epoch(2)
+    told.sampler.set_epoch(2)
+    assert list(training.sampler) == list(told.sampler) != []
+
+
 def test_without_set_epoch_an_iteration_after_the_last_batch_continues_with_the_next_epoch() -> None:
     trained, told = build("balance", 0), build("balance", 0)
     for training in trained, told:
