@@ -7,8 +7,7 @@ picks a checkpoint (epoch boundaries and the steps around noise measurements com
 fresh set of objects restores it from a file with the documented ``restore``, and the rest of
 the run must train the same batches (indices, hence sizes) at the same effective learning
 rates, to the same final weights. The loop and the two functions are executed from the
-documentation's code blocks, so the page states what is tested. One case does not resume
-exactly yet and is pinned apart (``KNOWN_DEFECT``).
+documentation's code blocks, so the page states what is tested.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -198,16 +197,6 @@ def before_a_measured_plain_step(setup: Setup, reference: Reference, stop: int) 
     return setup.loop == "plain" and stop < len(reference.measured) and reference.measured[stop]
 
 
-#: Why a plain loop stopped just before a noise measurement does not resume exactly yet. The
-#: property test leaves those stops out, and test_a_plain_loop_resumed_just_before_a_noise_measurement
-#: pins them as a strict xfail: once fixed it passes and fails the suite, and both go.
-KNOWN_DEFECT = (
-    "the plain loop measures the noise on a step by pairing its gradient with the one kept from the step "
-    "before, and the kept gradient is not in the scheduler's state_dict: a run resumed between the two misses "
-    "that measurement, and an Adaptive schedule then decides other sizes"
-)
-
-
 def assert_resumes_exactly(setup: Setup, checkpoint: Checkpoint, directory: Path) -> None:
     """Restore ``checkpoint`` from a file into a fresh run, train to the end, compare."""
     reference = uninterrupted(setup)
@@ -239,7 +228,6 @@ def test_a_resumed_run_trains_what_the_uninterrupted_run_trained(
     steps = len(reference.records)
     stop = data.draw(st.one_of(st.sampled_from(epoch_ends(reference)), st.sampled_from(interesting_steps(reference)),
                                st.integers(1, steps)), label="stop")
-    assume(not before_a_measured_plain_step(setup, reference, stop))  # KNOWN_DEFECT
     saved = [checkpoint for checkpoint in reference.checkpoints if checkpoint.steps == stop]
     checkpoint = data.draw(st.sampled_from(saved), label="checkpoint") if len(saved) > 1 else saved[0]
     event("stopped after an epoch" if checkpoint.after_epoch else "stopped after a step")
@@ -247,9 +235,10 @@ def test_a_resumed_run_trains_what_the_uninterrupted_run_trained(
     assert_resumes_exactly(setup, checkpoint, tmp_path_factory.mktemp("resume"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_DEFECT)
 @pytest.mark.parametrize("loader", list(LOADERS))
 def test_a_plain_loop_resumed_just_before_a_noise_measurement(loader: str, tmp_path: Path) -> None:
+    # The step after the stop pairs its gradient with the one kept from the step before it,
+    # which the checkpoint carries (state_dict["noise_pair"]).
     setup = Setup("Adaptive", "plain", 0, loader)
     reference = uninterrupted(setup)
     stop = next(stop for stop in range(1, len(reference.records))
