@@ -145,7 +145,8 @@ class LRFactor:
         if self._rule is None:
             return self._gain(target)
         factor = self._rule(target / self.reference_batch_size)
-        if not is_real(factor) or not math.isfinite(factor) or factor <= 0:
+        # Checked at every step: a plain float skips the slower abstract-type test.
+        if (type(factor) is not float and not is_real(factor)) or not math.isfinite(factor) or factor <= 0:
             shown = float(factor) if is_real(factor) else factor
             raise ValueError(f"lr_scaling returned {shown!r} for batch size {target}; it must be positive and finite "
                              f"(a real number)")

@@ -338,6 +338,7 @@ class BatchSizeScheduler:
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
                 self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
+        if self.noise_meter is not None and self.schedule.needs_noise:
             noise = self.noise_meter.noise
             self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
                                   noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest())

@@ -96,7 +96,8 @@ class Schedule(abc.ABC):
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
                 largest: float = math.inf) -> None:
-        """Take in the signals measured after an optimizer step. A timetable ignores them.
+        """Take in the signals measured after an optimizer step; the scheduler calls it after
+        every step of a schedule that :attr:`needs_noise`. A timetable ignores them.
 
         Args:
             progress (Progress): where training stands.
