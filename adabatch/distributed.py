@@ -139,6 +139,13 @@ class RankAgreement:
         agreed = self.collective.min(self.NO_CAP if cap is None else cap)
         return None if agreed == self.NO_CAP else agreed
 
+    def apply_memory_cap(self, memory: Any, constraints: Any) -> int | None:
+        """Set the agreed :meth:`memory_cap` on ``constraints`` (a
+        :class:`~adabatch.BatchSizeConstraints`), so every rank caps its batches alike; returns it."""
+        cap = self.memory_cap(memory)
+        constraints.set_memory_cap(cap)
+        return cap
+
     def largest(self, value: int) -> int:
         """The largest ``value`` over the ranks (an out-of-memory flag: the size that failed)."""
         return value if self.collective is None else self.collective.max(value)

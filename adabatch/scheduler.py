@@ -334,7 +334,7 @@ class BatchSizeScheduler:
         self.plan.advance(batch.start, consumed)
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
-        self.constraints.set_memory_cap(self.agreement.memory_cap(self.memory))
+        self.agreement.apply_memory_cap(self.memory, self.constraints)
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
                 self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
@@ -362,9 +362,7 @@ class BatchSizeScheduler:
         peak_bytes}``, e.g. :attr:`ProbeResult.peaks <adabatch.memory.ProbeResult>`), so that
         the first batches drawn are already capped; returns the cap."""
         self.memory.add_measurements(dict(peaks))
-        cap = self.agreement.memory_cap(self.memory)
-        self.constraints.set_memory_cap(cap)
-        return cap
+        return self.agreement.apply_memory_cap(self.memory, self.constraints)
 
     # -------------------------------------------------------------- train_step
     def train_step(

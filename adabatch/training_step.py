@@ -119,7 +119,7 @@ class TrainingStep:
             if scaler is not None:
                 reset_grad_scaler_step(scaler, self.optimizer)
             self.memory.out_of_memory(failed, floor)
-            self.constraints.set_memory_cap(self.agreement.memory_cap(self.memory))
+            self.agreement.apply_memory_cap(self.memory, self.constraints)
         if self.agreement.distributed:
             self._synchronise_and_step(attempt, scaler, measure)
         self.optimizer.zero_grad(set_to_none=True)
