@@ -11,7 +11,7 @@ agree on), :mod:`~adabatch.memory` (the memory cap) and :mod:`~adabatch.loggers`
 from __future__ import annotations
 
 import math
-import warnings
+from operator import attrgetter
 from typing import Any, Callable, Mapping
 
 import torch
@@ -37,20 +37,15 @@ class BatchSizeScheduler:
     """Grows the batch size during training and scales the learning rate with it.
 
     The scheduler is the single source of the batch size: :class:`~adabatch.AdaptiveBatchSampler`
-    asks it what size each batch should have, and the training loop tells it, through
-    :meth:`step`, how many samples each optimizer step consumed. A timetable's sizes are a
-    function of the position in the data stream (samples passed), so a batch drawn ahead of
-    training by DataLoader workers gets the same size it would get if drawn just in time; what
-    changes during training (an adaptive schedule's decisions, the memory cap) is recorded
-    with each batch as it is drawn (:meth:`draw`), so the loop, the learning-rate factor and a
-    resumed run all see the size the batch was drawn with.
+    asks it what size each batch should have (:meth:`draw`), and the loop tells it, through
+    :meth:`step`, how many samples each optimizer step consumed. Each batch is recorded as it is
+    drawn (:mod:`adabatch.plan`), so a batch prefetched by DataLoader workers, the learning-rate
+    factor and a resumed run all see the size it was drawn with.
 
-    The learning rate of every parameter group is multiplied by :attr:`lr_factor` for the
-    duration of each ``optimizer.step()`` and restored right after, so any
-    ``torch.optim.lr_scheduler`` attached to the same optimizer keeps working: it never sees
-    the factor, and the effective learning rate is its learning rate times the factor. The
-    factor follows the scheduled (target) batch size: the one or two balanced batches that end
-    an epoch, a little smaller than the target, keep the target's factor.
+    Every parameter group's learning rate is multiplied by :attr:`lr_factor` for the duration
+    of each ``optimizer.step()`` and restored right after, so a ``torch.optim.lr_scheduler`` on
+    the same optimizer keeps working: the effective learning rate is its learning rate times
+    the factor (see :mod:`adabatch.lr_scaling`).
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
@@ -161,30 +156,15 @@ class BatchSizeScheduler:
         self._training_step = TrainingStep(optimizer, self.constraints, self.memory, self.agreement,
                                            self.noise_meter, self.noise_sampling)
         self._last_lrs: list[float] | None = None
-        self._warned_mismatch = False
         self._hook = LRFactorHook(optimizer, self._hook_factor)
 
     # ----------------------------------------------------------------- binding
-    @property
-    def dataset_size(self) -> int | None:
-        return self.constraints.dataset_size
-
-    @property
-    def num_replicas(self) -> int:
-        return self.constraints.num_replicas
-
-    @property
-    def lr_scaling(self) -> LRScaling:
-        return self.lr.lr_scaling
-
-    @property
-    def collective(self) -> Collective | None:
-        return self.agreement.collective
-
-    @property
-    def layout(self) -> EpochLayout | None:
-        """How the bound dataset's epochs are cut into batches (``None`` before a sampler binds)."""
-        return self.plan.layout
+    dataset_size = property(attrgetter("constraints.dataset_size"), doc="Samples per epoch (``None`` until known).")
+    num_replicas = property(attrgetter("constraints.num_replicas"), doc="Replicas each global batch is split over.")
+    lr_scaling = property(attrgetter("lr.lr_scaling"), doc="The rule the learning-rate factor follows.")
+    collective = property(attrgetter("agreement.collective"), doc="How the ranks agree (``None`` on one process).")
+    layout = property(attrgetter("plan.layout"),
+                      doc="How the bound dataset's epochs are cut into batches (``None`` before a sampler binds).")
 
     def bind(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance") -> EpochLayout:
         """Learn the dataset and how it is cut into batches; called by :class:`~adabatch.AdaptiveBatchSampler`.
@@ -230,19 +210,15 @@ class BatchSizeScheduler:
         """Global size of the coming batch."""
         return self.plan.batch_at(self.plan.position).size
 
-    @property
-    def reference_batch_size(self) -> int:
-        """The batch size at which the learning-rate factor is 1."""
-        return self.lr.reference_batch_size
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.lr.warmup_steps
+    reference_batch_size = property(attrgetter("lr.reference_batch_size"),
+                                    doc="The batch size at which the learning-rate factor is 1.")
+    warmup_steps = property(attrgetter("lr.warmup_steps"),
+                            doc="Steps over which the factor moves after a change of batch size.")
 
     @property
     def lr_factor(self) -> float:
         """The factor the coming optimizer step multiplies every learning rate by."""
-        return self.lr(self.plan.batch_at(self.plan.position).target, self.plan.steps)
+        return self._hook_factor()[0]
 
     def _hook_factor(self) -> tuple[float, tuple[int, PlannedBatch]]:
         """:attr:`lr_factor`, with the batch it was computed for, which :meth:`step` then
@@ -252,20 +228,9 @@ class BatchSizeScheduler:
         return self.lr(batch.target, self.plan.steps), (position, batch)
 
     # ---------------------------------------------------------------- progress
-    @property
-    def samples_seen(self) -> int:
-        """Samples trained on so far (global)."""
-        return self.plan.samples_seen
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps counted by :meth:`step`."""
-        return self.plan.steps
-
-    @property
-    def position(self) -> int:
-        """Stream position after the last trained batch."""
-        return self.plan.position
+    samples_seen = property(attrgetter("plan.samples_seen"), doc="Samples trained on so far (global).")
+    steps = property(attrgetter("plan.steps"), doc="Optimizer steps counted by :meth:`step`.")
+    position = property(attrgetter("plan.position"), doc="Stream position after the last trained batch.")
 
     @property
     def epoch(self) -> float:
@@ -319,34 +284,24 @@ class BatchSizeScheduler:
         else:
             batch = self.plan.batch_at(position)
         consumed = batch.size if batch_size is None else batch_size * self.num_replicas
-        if consumed != batch.size and self.layout is not None and not self._warned_mismatch:
-            self._warned_mismatch = True
-            warnings.warn(
-                f"scheduler.step() was told {consumed} samples (global) but the sampler planned {batch.size} "
-                f"for this step; progress follows the count given. Call step() once per batch from the "
-                f"AdaptiveBatchSampler, with len(x) (this warning is shown once)",
-                UserWarning,
-                stacklevel=3,
-            )
-        factor_used = self.lr_factor if applied is None else applied.factor
-        lrs = self._coming_lrs() if applied is None else applied.effective_lrs
-        self._last_lrs = lrs
-        self.plan.advance(batch.start, consumed)
+        factor_used, self._last_lrs = ((self.lr_factor, self._coming_lrs()) if applied is None
+                                       else (applied.factor, applied.effective_lrs))
+        self.plan.advance(batch.start, consumed, planned=batch.size)
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
         self.agreement.apply_memory_cap(self.memory, self.constraints)
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
                 self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
-        if self.noise_meter is not None and self.schedule.needs_noise:
-            noise = self.noise_meter.noise
-            self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
-                                  noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest())
+            if self.schedule.needs_noise:
+                noise = self.noise_meter.noise
+                self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
+                                      noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest())
         if self.lr.warmup_steps:
             self.lr.after_step(batch.target, self.plan.batch_at(self.plan.position).target, factor_used,
                                self.plan.steps)
         if self.logger is not None:
-            self._log(batch, consumed, factor_used, lrs)
+            self._log(batch, consumed, factor_used, self._last_lrs)
 
     def _log(self, batch: PlannedBatch, consumed: int, factor_used: float, lrs: list[float]) -> None:
         values = {"batch_size": consumed, "target_batch_size": batch.target, "lr_factor": factor_used}
@@ -372,17 +327,12 @@ class BatchSizeScheduler:
         """Train one batch: forward and backward in micro-batches, ``optimizer.step()``,
         ``zero_grad()`` and :meth:`step`.
 
-        The batch is split into as few micro-batches as the memory cap allows
-        (:meth:`BatchSizeConstraints.micro_batch_sizes`), none below ``min_batch_size``. Each
-        micro-batch's loss is weighted by its share of the batch before ``backward()``, so the
-        accumulated gradient equals the full batch's mean gradient even for unequal
-        micro-batches. BatchNorm layers in training mode see each micro-batch's own statistics
-        (ghost batch norm, Hoffer et al. 2017), which is why micro-batches keep to the floor.
-
-        If a micro-batch runs out of memory, what the attempt held is freed, the memory cap is
-        lowered and the SAME batch is tried again in smaller micro-batches: the optimizer steps
-        once per batch and no sample is skipped or counted twice (see
-        :class:`~adabatch.training_step.TrainingStep`). Other errors propagate untouched.
+        The batch is split into as few micro-batches as the memory cap allows, none below
+        ``min_batch_size``, each loss weighted by its share so the accumulated gradient is the
+        batch's mean gradient (BatchNorm sees each micro-batch's own statistics: ghost batch
+        norm, Hoffer et al. 2017). After an out-of-memory error the cap is lowered and the SAME
+        batch is tried again in smaller micro-batches: the optimizer steps once per batch and
+        no sample is skipped or counted twice (see :class:`~adabatch.training_step.TrainingStep`).
 
         Args:
             batch: what the DataLoader yields: a tensor, or tuples, lists, named tuples and
