@@ -146,6 +146,10 @@ class RankAgreement:
         constraints.set_memory_cap(cap)
         return cap
 
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks."""
+        return list(values) if self.collective is None else self.collective.sum(values)
+
     def largest(self, value: int) -> int:
         """The largest ``value`` over the ranks (an out-of-memory flag: the size that failed)."""
         return value if self.collective is None else self.collective.max(value)

@@ -25,9 +25,10 @@ from . import checkpoint
 from .lr_scaling import LRFactor, LRFactorHook, LRScaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling, is_adam_family
 from .plan import BatchPlan, PlannedBatch
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
+from .throughput import StepTimes
 from .training_step import StepOutcome, TrainingStep
 
 __all__ = ["BatchSizeScheduler"]
@@ -151,6 +152,8 @@ class BatchSizeScheduler:
         self.lr = LRFactor(lr_scaling, optimizer, self.schedule, self.constraints, self.noise_meter,
                            reference_batch_size=reference_batch_size, warmup_steps=warmup_steps)
         self.noise_sampling = NoiseSampling(noise_interval)
+        # What an adaptive schedule weighs the noise against: the time a step takes at each size.
+        self.step_times = StepTimes() if self.schedule.needs_noise else None
         self.agreement = RankAgreement(collective)
         self.plan = BatchPlan(self.target_at)
         self._training_step = TrainingStep(optimizer, self.constraints, self.memory, self.agreement,
@@ -290,13 +293,16 @@ class BatchSizeScheduler:
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
         self.agreement.apply_memory_cap(self.memory, self.constraints)
+        if self.step_times is not None:
+            self.step_times.tick(batch.target, self.agreement.sum if self.agreement.distributed else None)
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
                 self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
             if self.schedule.needs_noise:
                 noise = self.noise_meter.noise
                 self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
-                                      noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest())
+                                      noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest(),
+                                      step_times=self.step_times, preconditioned=is_adam_family(self.optimizer))
         if self.lr.warmup_steps:
             self.lr.after_step(batch.target, self.plan.batch_at(self.plan.position).target, factor_used,
                                self.plan.steps)
