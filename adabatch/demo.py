@@ -71,7 +71,7 @@ LOG_EVERY = 10
 
 
 class MissingExtrasError(ImportError):
-    """Raised when the optional packages the demo needs are not installed."""
+    """Raised when the optional packages a command needs (the `demo` or `plot` extra) are not installed."""
 
 
 @dataclass(frozen=True)
