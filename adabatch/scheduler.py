@@ -188,6 +188,8 @@ class BatchSizeScheduler:
                 raise ValueError(f"{name} is {expected}, but the sampler's dataset has {dataset_size} samples")
         self.constraints.bind(dataset_size, num_replicas)
         self.agreement.bind(num_replicas)
+        if self.noise_meter is not None:
+            self.noise_sampling.prepare(self.noise_meter, self.agreement.distributed)
         if remainder == "balance":
             self.constraints.check_balance_fits()
         self.lr.forget_reference()

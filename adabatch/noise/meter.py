@@ -107,7 +107,8 @@ class GradientNoiseMeter:
         grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
         return self.noise.update(grad_sqr_small, batch_small, grad_sqr_big, batch_big)
 
-    def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True) -> bool:
+    def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True,
+                               rescale: float = 1.0) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
         mean with the previous step's. Biased: see the module's docstring.
 
@@ -115,6 +116,8 @@ class GradientNoiseMeter:
             batch_size (int): samples behind this step's gradient.
             measure (bool): pair this step with the previous one, if that one was kept.
             keep (bool): keep this step's gradient (one flat copy) for the next step's pair.
+            rescale (float): the factor that undoes the loop's rescaling of this step's
+                gradient (see :class:`~adabatch.noise.backward_norms.BackwardNorms`). Default: 1.
 
         Returns:
             whether a pair was counted.
@@ -142,6 +145,8 @@ class GradientNoiseMeter:
         row = 0 if previous is None else 1 - previous[0]
         with torch.no_grad():
             _copy(self._rows[row], grads)
+            if rescale != 1.0:
+                self._buffer[row].mul_(rescale)  # type: ignore[index]
             if keep:
                 self._previous = (row, batch_size)
             if not measure or previous is None:

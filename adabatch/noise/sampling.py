@@ -4,6 +4,7 @@ see :mod:`adabatch.noise`."""
 from __future__ import annotations
 
 from .._validation import check_positive_int
+from .backward_norms import BackwardNorms
 from .meter import GradientNoiseMeter
 
 #: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``)...
@@ -28,6 +29,7 @@ class NoiseSampling:
 
     def __init__(self, interval: int | None = None) -> None:
         self.interval = None if interval is None else check_positive_int("noise_interval", interval)
+        self._backward_norms: BackwardNorms | None = None
 
     def due(self, start: int, consumed: int) -> bool:
         """Whether the step over ``[start, start + consumed)`` is measured."""
@@ -47,9 +49,25 @@ class NoiseSampling:
             return sizes
         return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
 
+    def prepare(self, meter: GradientNoiseMeter, distributed: bool) -> None:
+        """Record the gradients' norms as backward leaves them (:class:`BackwardNorms`), so the
+        plain loop's fallback undoes a rescaling by the loop (gradient clipping); not across
+        ranks, where backward's gradient is not yet averaged."""
+        if self._backward_norms is not None:
+            self._backward_norms.remove()
+        self._backward_norms = None if distributed else BackwardNorms(
+            [p for group in meter.optimizer.param_groups for p in group["params"]])
+
     def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
         due step with the one before it, which keeps its gradient only if the next step
         (assumed of the same size) will be due. Returns whether a pair was counted."""
-        return meter.from_consecutive_steps(batch_size, measure=self.due(start, consumed),
-                                            keep=self.due(start + consumed, consumed))
+        measure, keep = self.due(start, consumed), self.due(start + consumed, consumed)
+        norms, rescale = self._backward_norms, 1.0
+        if norms is not None:
+            rescale = norms.unclip_factor() if measure or keep else norms.forget()
+        counted = meter.from_consecutive_steps(batch_size, measure=measure, keep=keep, rescale=rescale)
+        if norms is not None:  # the next step is recorded if it will be measured or kept
+            after = start + consumed
+            norms.armed = self.due(after, consumed) or self.due(after + consumed, consumed)
+        return counted
