@@ -299,7 +299,8 @@ class BatchSizeScheduler:
             self.step_times.tick(batch.target, self.agreement.sum if self.agreement.distributed else None)
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
-                self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
+                self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed,
+                                                      self.agreement.distributed)
             if self.schedule.needs_noise:
                 noise = self.noise_meter.noise
                 self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),

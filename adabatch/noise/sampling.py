@@ -30,6 +30,7 @@ class NoiseSampling:
     def __init__(self, interval: int | None = None) -> None:
         self.interval = None if interval is None else check_positive_int("noise_interval", interval)
         self._backward_norms: BackwardNorms | None = None
+        self._prepared = False
 
     def due(self, start: int, consumed: int) -> bool:
         """Whether the step over ``[start, start + consumed)`` is measured."""
@@ -55,13 +56,17 @@ class NoiseSampling:
         ranks, where backward's gradient is not yet averaged."""
         if self._backward_norms is not None:
             self._backward_norms.remove()
+        self._prepared = True
         self._backward_norms = None if distributed else BackwardNorms(
             [p for group in meter.optimizer.param_groups for p in group["params"]])
 
-    def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
+    def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int,
+                           distributed: bool = False) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
         due step with the one before it, which keeps its gradient only if the next step
         (assumed of the same size) will be due. Returns whether a pair was counted."""
+        if not self._prepared:  # no sampler bound the scheduler: from the next step on
+            self.prepare(meter, distributed)
         measure, keep = self.due(start, consumed), self.due(start + consumed, consumed)
         norms, rescale = self._backward_norms, 1.0
         if norms is not None:
