@@ -27,20 +27,16 @@ import sys
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 
+from adabatch.demo import shard_model
 from train_ddp import Launcher, Wrapped, main
 
 LAUNCH = "python3 -m torch.distributed.run --standalone --nproc-per-node 2 scripts/train_fsdp.py"
 
 
 def wrap_fsdp(model: nn.Module, device: torch.device) -> Wrapped:
-    """Each convolution block (convolution, BatchNorm, ReLU) and the classifier sharded, then the root."""
-    layers = list(model.children())
-    for first in range(0, len(layers), 3):
-        block = layers[first:first + 3]
-        fully_shard(block if len(block) > 1 else block[0])
-    fully_shard(model)
+    """Each convolution block and the classifier sharded, then the whole model (``shard_model``)."""
+    shard_model(model)
     return Wrapped(model, {"model": model}, collective_forward=True)
 
 
