@@ -137,12 +137,27 @@ class GatheredStep:
 
     Args:
         model (FSDPModule): the root module ``fully_shard`` was applied to last.
+        optimizer (Optimizer, optional): steps the model's parameters; checked to hold none
+            other. Default: none (no check).
+
+    Raises:
+        ValueError: if the optimizer steps a parameter the model does not hold (``model`` is a
+            sharded layer, not the root).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.modules = [module for module in model.modules() if is_fsdp_module(module)]
         self._settings: list[tuple[Any, bool, bool, bool]] | None = None
+        if optimizer is not None:
+            # Between steps a module may hold its gathered parameters (reshard_after_backward
+            # off); its registered parameters are the optimizer's shards once resharded.
+            for module in self.modules:
+                module.reshard()
+            held = {id(p) for p in model.parameters()}
+            if any(id(p) not in held for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError("train_step(model=...) must be the root module fully_shard was applied to last, "
+                                 "holding every parameter the optimizer steps; this module lacks some of them")
 
     def gather(self) -> None:
         """All-gather every FSDP module's parameters, to keep through the step; gradient
@@ -151,7 +166,7 @@ class GatheredStep:
             # FSDP settles which module is the root, and the root's defaults, on the first
             # forward pass; the settings to give back are read after that.
             self.model._get_fsdp_state()._lazy_init()
-            self._settings = [_settings(module) for module in self.modules]
+            self._settings = self.settings()
         self.model.set_reshard_after_forward(False)
         self.model.set_reshard_after_backward(False)
         self.model.set_requires_gradient_sync(False)
@@ -189,12 +204,17 @@ class GatheredStep:
         self._settings = None
 
 
-def _settings(module: Any) -> tuple[Any, bool, bool, bool]:
-    """The FSDP module's ``(module, reshard_after_forward, reshard_after_backward,
-    requires_gradient_sync)``: FSDP has setters for them and no getters, so they are read off its
-    parameter group (torch 2.13's names; FSDP's defaults where a version lacks them)."""
-    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
-    if group is None:  # a module with no parameters of its own: nothing to restore
-        return module, True, True, True
-    return (module, bool(getattr(group, "_reshard_after_forward", True)),
-            bool(getattr(group, "reshard_after_backward", True)), bool(getattr(group, "reduce_grads", True)))
+    def settings(self) -> list[tuple[Any, bool, bool, bool]]:
+        """Each FSDP module's ``(module, reshard_after_forward, reshard_after_backward,
+        requires_gradient_sync)``. FSDP has setters for them and no getters, so they are read off
+        its parameter groups (torch 2.13's names; FSDP's defaults where a version lacks them)."""
+        settings = []
+        for module in self.modules:
+            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+            if group is None:  # a module with no parameters of its own: its settings do nothing
+                settings.append((module, True, True, True))
+                continue
+            settings.append((module, bool(getattr(group, "_reshard_after_forward", True)),
+                             bool(getattr(group, "reshard_after_backward", True)),
+                             bool(getattr(group, "reduce_grads", True))))
+        return settings

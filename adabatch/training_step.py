@@ -168,8 +168,7 @@ class TrainingStep:
             return no_sync, None
         if is_fsdp_module(model):
             if self._gathered is None or self._gathered.model is not model:
-                _check_covers(model, self.optimizer)
-                self._gathered = GatheredStep(model)
+                self._gathered = GatheredStep(model, self.optimizer)
             if scaler is not None:
                 raise ValueError("train_step(scaler=...) is not supported with an FSDP2 model: a GradScaler would "
                                  "check each rank's shard of the gradients for infinities alone, and the ranks "
@@ -324,15 +323,6 @@ class TrainingStep:
         else:
             scaler.step(self.optimizer)
             scaler.update()
-
-
-def _check_covers(model: Any, optimizer: torch.optim.Optimizer) -> None:
-    """The FSDP2 ``model`` must hold every parameter the optimizer steps: its settings are the
-    ones the step controls."""
-    held = {id(p) for p in model.parameters()}
-    if any(id(p) not in held for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError("train_step(model=...) must be the root module fully_shard was applied to last, holding "
-                         "every parameter the optimizer steps; this module lacks some of them")
 
 
 def _grad_scale(scaler: Any) -> float:

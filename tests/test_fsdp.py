@@ -193,3 +193,24 @@ def test_a_checkpoint_between_the_steps_of_a_pair_keeps_no_shard(one_rank: None,
     scheduler.step(32)  # position 32: this step's gradient is kept for the next, due at 64
     pair = scheduler.state_dict()["noise_pair"]
     assert (pair is None) == wrap
+
+
+def test_train_step_gives_fsdp_its_settings_back(one_rank: None) -> None:
+    """The step gathers the parameters and turns synchronisation off; afterwards the model holds
+    its shards again, with the settings it had (here a user's choice for one layer)."""
+    from torch.distributed.tensor import DTensor
+
+    from adabatch.fsdp import GatheredStep
+
+    model = worker.sharded(worker.mlp())
+    model[2].set_reshard_after_backward(False, recurse=False)  # a user's choice
+    scheduler, sampler, data = small_run(model)
+    batches = iter(DataLoader(data, batch_sampler=sampler))
+    x, y = next(batches)
+    F.cross_entropy(model(x), y).backward()  # FSDP settles the root on the first forward pass
+    before = GatheredStep(model).settings()
+    assert [setting[2] for setting in before] == [True, True, False, True], "the root, then each Linear layer"
+    for x, y in batches:
+        scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]), model=model)
+    assert GatheredStep(model).settings() == before
+    assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter resharded"
