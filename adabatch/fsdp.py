@@ -189,6 +189,13 @@ class GatheredStep:
         the modules are the gathered ones while they are gathered) and FSDP's state of the
         interrupted pass (``reset_iter_state``, which also reshards the parameters)."""
         self.model.zero_grad(set_to_none=True)
+        # Under a MixedPrecisionPolicy whose reduce_dtype differs from param_dtype, FSDP moves
+        # the gradients accumulated without synchronisation to a buffer of its own, which
+        # torch 2.13's reset_iter_state keeps: the retried step would add the failed one's.
+        for module in self.modules:
+            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+            for parameter in getattr(group, "fsdp_params", ()):
+                parameter.unsharded_accumulated_grad = None
         self.model.reset_iter_state()
 
     def release(self) -> None:

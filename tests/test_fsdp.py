@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -214,3 +215,39 @@ def test_train_step_gives_fsdp_its_settings_back(one_rank: None) -> None:
         scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]), model=model)
     assert GatheredStep(model).settings() == before
     assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter resharded"
+
+
+@pytest.mark.parametrize("reduce_dtype", [None, torch.float64])
+def test_a_retried_step_keeps_nothing_of_the_failed_one(one_rank: None, reduce_dtype: torch.dtype | None) -> None:
+    """An out-of-memory error in the second micro-batch, after the first one's gradient was
+    accumulated (in FSDP's own buffer when it reduces in another precision than the parameters'):
+    the retried step gives the weights of a step that never failed."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from adabatch.testing import FakeMemory
+
+    weights = []
+    for fail in (False, True):
+        model = worker.mlp()
+        for layer in [*model[::2], model]:
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+        memory = FakeMemory(capacity=1_000_000 + 20 * 40_000, fixed=1_000_000, per_sample=40_000)  # 20 fit
+        memory.attach(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), min_batch_size=8, memory=memory,
+                                       accumulate=True)
+        scheduler.add_memory_measurements({8: memory.peak_for(8), 16: memory.peak_for(16)})
+        forwards = []
+
+        def fail_second(_module: nn.Module, _inputs: tuple) -> None:
+            forwards.append(True)
+            if fail and len(forwards) == 2:
+                raise torch.OutOfMemoryError("out of memory (injected in the second micro-batch)")
+
+        model.register_forward_pre_hook(fail_second)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+        scheduler.train_step((x, (x[:, 0] > 0).long()), lambda b: F.cross_entropy(model(b[0]), b[1]), model=model)
+        assert (len(forwards) > 2 if fail else len(forwards) == 2) and scheduler.steps == 1
+        weights.append([worker.whole(p).detach() for p in model.parameters()])
+    for retried, clean in zip(weights[1], weights[0]):
+        torch.testing.assert_close(retried, clean)
