@@ -205,8 +205,9 @@ class TrainingStep:
             while True:
                 sizes = self.constraints.micro_batch_sizes(batch_size)
                 if measure:
-                    # The first micro-batches of all the ranks, after FSDP's reduce-scatter, are the
-                    # small batch: a rank's gradient before it is never whole on any rank.
+                    # The first micro-batches of all the ranks, reduce-scattered, are the small
+                    # batch: DDP's, a rank's own gradient, sits in FSDP's gathered parameters, out
+                    # of the optimizer's sight, and Adam's second moment to precondition it is sharded.
                     sizes = self.sampling.split(sizes, floor, distributed=False)
                 attempt = _Attempt(batch_size, sizes)
                 loss, failed = self._accumulate_gathered(batch, attempt, loss_fn, gathered, measure)
@@ -216,9 +217,12 @@ class TrainingStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.memory.out_of_memory(failed, floor)
                 self.agreement.apply_memory_cap(self.memory, self.constraints)
+        except BaseException:
+            gathered.abandon()  # FSDP's recovery after an error inside a forward or backward pass
+            raise
         finally:
             gathered.release()
-        attempt.versions_before_update = _versions(self.optimizer)
+        # As under DDP, an out-of-memory error in the optimizer's step cannot be agreed: it propagates.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         count(attempt.outcome())

@@ -251,3 +251,40 @@ def test_a_retried_step_keeps_nothing_of_the_failed_one(one_rank: None, reduce_d
         weights.append([worker.whole(p).detach() for p in model.parameters()])
     for retried, clean in zip(weights[1], weights[0]):
         torch.testing.assert_close(retried, clean)
+
+
+def test_an_error_inside_a_step_propagates_and_leaves_nothing_for_the_next(one_rank: None) -> None:
+    """An error that is not out of memory, raised in the second micro-batch's forward pass (the
+    first one's gradient accumulated), reaches the caller as it is; the next step trains as if
+    the failed one had never started."""
+    from adabatch.testing import FakeMemory
+
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    batch = (x, (x[:, 0] > 0).long())
+    weights = []
+    for fail in (False, True):
+        model = worker.sharded(worker.mlp())
+        memory = FakeMemory(capacity=1_000_000 + 20 * 40_000, fixed=1_000_000, per_sample=40_000)  # 20 fit
+        memory.attach(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), min_batch_size=8, memory=memory,
+                                       accumulate=True)
+        scheduler.add_memory_measurements({8: memory.peak_for(8), 16: memory.peak_for(16)})
+        forwards = []
+
+        def broken(_module: nn.Module, _inputs: tuple) -> None:
+            forwards.append(True)
+            if fail and len(forwards) == 2:
+                raise KeyError("a bug in a layer")
+
+        handle = model[2].register_forward_pre_hook(broken)
+        if fail:
+            with pytest.raises(KeyError, match="a bug in a layer"):
+                scheduler.train_step(batch, lambda b: F.cross_entropy(model(b[0]), b[1]), model=model)
+            assert scheduler.steps == 0
+        handle.remove()
+        scheduler.train_step(batch, lambda b: F.cross_entropy(model(b[0]), b[1]), model=model)
+        assert scheduler.steps == 1
+        weights.append([worker.whole(p).detach() for p in model.parameters()])
+    for after_failure, clean in zip(weights[1], weights[0]):
+        torch.testing.assert_close(after_failure, clean)
