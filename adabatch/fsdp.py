@@ -210,11 +210,11 @@ class GatheredStep:
             module.set_requires_gradient_sync(synchronise, recurse=False)
         self._settings = None
 
-
     def settings(self) -> list[tuple[Any, bool, bool, bool]]:
         """Each FSDP module's ``(module, reshard_after_forward, reshard_after_backward,
         requires_gradient_sync)``. FSDP has setters for them and no getters, so they are read off
-        its parameter groups (torch 2.13's names; FSDP's defaults where a version lacks them)."""
+        its parameter groups (torch 2.13's names; FSDP's defaults where a version lacks them). A
+        ``reshard_after_forward`` given as a number of ranks comes back as ``True``."""
         settings = []
         for module in self.modules:
             group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
