@@ -1,4 +1,5 @@
-"""The glue to torch.distributed: the only module that touches it.
+"""The glue to torch.distributed: the only module that touches it (with :mod:`adabatch.fsdp`,
+the glue to sharded models).
 
 Every rank must train on its share of the same global batch, change size at the same step and
 take the same memory and out-of-memory decisions; one rank deciding alone deadlocks the next

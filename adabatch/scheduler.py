@@ -331,7 +331,7 @@ class BatchSizeScheduler:
     # -------------------------------------------------------------- train_step
     def train_step(
         self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None,
-        no_sync: Callable[[], Any] | None = None,
+        no_sync: Callable[[], Any] | None = None, model: Any = None,
     ) -> torch.Tensor:
         """Train one batch: forward and backward in micro-batches, ``optimizer.step()``,
         ``zero_grad()`` and :meth:`step`.
@@ -355,6 +355,11 @@ class BatchSizeScheduler:
                 finished (or ran out of memory, so all retry together) train_step averages the
                 gradients itself. Without it a rank out of memory in its forward pass would
                 leave the others waiting in backward. Default: none.
+            model (DistributedDataParallel or FSDPModule, optional): the wrapped model whose
+                gradient synchronisation the step takes over: a ``DistributedDataParallel``
+                model stands for ``no_sync=model.no_sync``; an FSDP2 root module (the module
+                ``fully_shard`` was applied to last) is required when the optimizer's
+                parameters are sharded (see docs/distributed.md). Default: none.
 
         Returns:
             the batch's mean loss (detached, on the loss's device).
@@ -368,17 +373,11 @@ class BatchSizeScheduler:
             >>> for x, y in loader:
             ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
         """
-        if no_sync is not None and self.collective is None and self.num_replicas > 1:
-            raise RuntimeError(
-                f"train_step(no_sync=...) across {self.num_replicas} replicas needs a collective to average the "
-                f"gradients, and this scheduler has none: initialise the torch.distributed process group before "
-                f"building the AdaptiveBatchSampler, or pass collective= to BatchSizeScheduler"
-            )
         batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
         measure = self.noise_meter is not None and self.noise_sampling.due(
             self.plan.position, batch_size * self.num_replicas)
         return self._training_step.run(batch, batch_size, loss_fn, scaler=scaler, no_sync=no_sync, measure=measure,
-                                       count=lambda outcome: self._count(outcome.batch_size, outcome))
+                                       count=lambda outcome: self._count(outcome.batch_size, outcome), model=model)
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

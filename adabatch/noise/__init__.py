@@ -30,6 +30,12 @@ Where the two batches come from:
   computed (:class:`~adabatch.noise.backward_norms.BackwardNorms`), on one process.
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
+* Under FSDP2 (``fully_shard``) ``train_step`` measures as on one device over the global batch:
+  ``B_small`` is the first micro-batches of all the ranks, reduce-scattered, ``B_big`` the global
+  batch; a measured step is trained in two halves. The gradients (and Adam's second moments) are
+  read as each rank's local slices and the statistics summed over the ranks
+  (:func:`adabatch.fsdp.shard_sum`), so they are those of the whole gradients; the plain loop's
+  fallback then measures what it measures under DDP.
 
 The scheduler measures the steps that reach a multiple of ``noise_interval`` samples, the same
 steps on every rank and after a resume (:class:`NoiseSampling`). A measurement costs about the

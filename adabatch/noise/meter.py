@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from .._validation import is_integer
+from ..fsdp import ShardSum, local_tensor, shard_sum
 from .scale import DEFAULT_EMA_DECAY, NoiseScale
 
 
@@ -21,7 +22,8 @@ def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
 def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
     """``1 / (√v̂ + eps)`` for each parameter with a gradient of an Adam-family optimizer (one
     with an ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the
-    first step."""
+    first step. For a sharded parameter (a DTensor, under FSDP2) it is this rank's slice, shaped
+    as the local slice of the gradient."""
     if not is_adam_family(optimizer):
         return None
     scales: dict[torch.Tensor, torch.Tensor] = {}
@@ -36,13 +38,17 @@ def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch
             if key not in state:
                 return None
             step = float(state["step"])
-            v_hat = state[key] / (1 - betas[1] ** step)
+            v_hat = local_tensor(state[key]) / (1 - betas[1] ** step)
             scales[parameter] = 1 / (v_hat.sqrt() + eps)
     return scales
 
 
 class GradientNoiseMeter:
     """Reads squared gradient norms off an optimizer's parameters and feeds a :class:`NoiseScale`.
+
+    Sharded gradients (DTensors, under FSDP2) are read as their local slices, and each statistic
+    is summed over the ranks (one all-reduce of at most three numbers), so it equals that of the
+    whole gradients.
 
     Args:
         optimizer (Optimizer): whose parameters' ``.grad`` are read; an Adam-family optimizer's
@@ -59,26 +65,32 @@ class GradientNoiseMeter:
         self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
         self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
         self._shapes: list[torch.Size] | None = None
-
-    def _gradients(self) -> list[torch.Tensor]:
-        return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._shards: ShardSum | None = None  # how the last gradients read are summed over the ranks
 
     def _preconditioned(self) -> list[torch.Tensor]:
-        grads = self._gradients()
+        """The gradients (their local slices, if sharded), preconditioned for Adam."""
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in parameters]
+        self._shards = shard_sum(grads)
+        if self._shards is not None:
+            grads = [local_tensor(grad) for grad in grads]
         scales = preconditioner(self.optimizer)
         if scales is None:
             return grads
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         return [grad * scales[p] for grad, p in zip(grads, parameters)]
 
-    @staticmethod
+    def _over_ranks(self, values: list[float]) -> list[float]:
+        """Statistics of the local slices summed into those of the whole gradients."""
+        return values if self._shards is None else self._shards(values)
+
     @torch.no_grad()
-    def _sqr_norm(grads: list[torch.Tensor]) -> float:
+    def _sqr_norm(self, grads: list[torch.Tensor]) -> float:
         if not grads:
             return math.nan
         # One kernel for the norms and one transfer; squared and summed in double precision,
         # as tr(Σ) is a difference of two nearly equal squared norms.
-        return math.fsum(norm * norm for norm in torch.stack(torch._foreach_norm(grads)).tolist())
+        local = math.fsum(norm * norm for norm in torch.stack(torch._foreach_norm(grads)).tolist())
+        return self._over_ranks([local])[0]
 
     def after_first_micro_batch(self, batch_small: int, share: float, grad_scale: float = 1.0) -> None:
         """Record ``|G_small|²`` from the gradients accumulated so far: the first micro-batch's
@@ -152,8 +164,8 @@ class GradientNoiseMeter:
             if not measure or previous is None:
                 return False
             gram = (self._buffer @ self._buffer.T).tolist()
+        grad_sqr, previous_sqr, mixed = self._over_ranks([gram[row][row], gram[1 - row][1 - row], gram[0][1]])
         previous_size = previous[1]
-        grad_sqr, previous_sqr, mixed = gram[row][row], gram[1 - row][1 - row], gram[0][1]
         both = batch_size + previous_size
         share, previous_share = batch_size / both, previous_size / both
         mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
@@ -163,8 +175,10 @@ class GradientNoiseMeter:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat
         double-precision copy, on the gradients' device), or ``None`` when none is kept: a
         checkpoint taken just before a measured step carries it, so the resumed run measures
-        that step as the uninterrupted one does."""
-        if self._previous is None:
+        that step as the uninterrupted one does. A sharded gradient is not kept (each rank holds
+        another slice, and a checkpoint of the scheduler is usually one rank's): the resumed run
+        skips that one measurement, on every rank alike."""
+        if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
         return {"row": row, "gradient": self._buffer[row].clone(), "batch_size": batch_size}  # type: ignore[index]
