@@ -26,7 +26,7 @@ EPOCHS = 3
 def schedule(kind: str) -> schedules.Schedule:
     if kind == "growth":
         return schedules.Step(start=16, factor=2, milestones=[1, 2])  # 16 -> 32 -> 64, in epochs
-    return schedules.Adaptive(start=16, warmup=2, interval=2, exponent=1.0, growth_per_epoch=2)
+    return schedules.Adaptive(start=16, warmup=2, interval=2, extra_samples=0.9, throughput=False, growth_per_epoch=2)
 
 
 def train(kind: str, loop: str, compile_options: dict | None) -> tuple[list[torch.Tensor], set[int], int]:
