@@ -57,7 +57,9 @@ class Data(pl.LightningDataModule):
 
 class Recorder(pl.LightningModule):
     """Linear regression with SGD and an epoch-wise StepLR (halving every 2 epochs), recording
-    ``batches`` (epoch, batch_idx, indices) and ``lrs`` (the learning rate of each optimizer step)."""
+    ``batches`` (epoch, batch_idx, indices), ``lrs`` (the learning rate of each optimizer step),
+    ``epoch_lengths`` (the batches Lightning expects in each epoch) and ``validated_after``
+    (epoch, optimizer steps) of each validation."""
 
     def __init__(self, manual: bool = False, lr_interval: str = "epoch") -> None:
         super().__init__()
@@ -89,7 +91,7 @@ class Recorder(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         if not self.trainer.sanity_checking:
-            self.validated_after.append((self.current_epoch, len(self.batches_of(self.current_epoch))))
+            self.validated_after.append((self.current_epoch, self.trainer.global_step))
 
     def on_train_epoch_start(self) -> None:
         self.epoch_lengths.append(self.trainer.num_training_batches)

@@ -7,6 +7,7 @@ The two-process run is in ``test_integration_lightning_ddp.py``.
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 import warnings
@@ -154,34 +155,78 @@ def test_accumulation_splits_an_epochs_balanced_tail_within_one_sample() -> None
 
 @pytest.mark.filterwarnings("ignore:.*(callbacks used to create the checkpoint|dirpath has changed)")
 @pytest.mark.parametrize("accumulate", [1, 2])
-@pytest.mark.parametrize("where", ["mid-epoch", "last-batch-of-epoch", "epoch-end-callback"])
+@pytest.mark.parametrize("where", ["mid-epoch", "after-mid-epoch-validation", "last-batch-of-epoch",
+                                   "epoch-end-callback"])
 def test_resume_trains_the_same_remaining_batches_at_the_same_learning_rates(
         tmp_path: Path, where: str, accumulate: int) -> None:
     def run(ckpt_path: str | None = None, callbacks: tuple = ()) -> tuple[Recorder, pl.Trainer]:
-        # DataLoader batches of 8, 16, 32 at epochs 0, 1, 2, in optimizer steps of `accumulate` of them.
+        # DataLoader batches of 8, 16, 32 at epochs 0, 1, 2, in optimizer steps of `accumulate` of them;
+        # validation at the middle and the end of each epoch.
         callback = AdaptiveBatchSize(schedules.Step(start=8 * accumulate, factor=2, milestones=[1, 2]),
                                      lr_scaling="linear", warmup_steps=2)
         return fit(callback, ckpt_path=ckpt_path, callbacks=list(callbacks), accumulate_grad_batches=accumulate,
-                   enable_checkpointing=True, default_root_dir=tmp_path)
+                   enable_checkpointing=True, default_root_dir=tmp_path, limit_val_batches=1.0,
+                   val_check_interval=0.5, num_sanity_val_steps=0)
 
     every_step = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "epochs", filename="{epoch}", every_n_epochs=1, save_top_k=-1,
                                   save_on_train_epoch_end=True)
-    whole, whole_run = run(callbacks=(every_step, every_epoch))
+    every_validation = ModelCheckpoint(dirpath=tmp_path / "validations", filename="{step}", monitor="val_loss",
+                                       save_top_k=-1)
+    whole, whole_run = run(callbacks=(every_step, every_epoch, every_validation))
 
-    # Epoch 0 has 12 // accumulate optimizer steps: stop 3 before its end, after its last batch
-    # (on_train_batch_end), or after the epoch (on_train_epoch_end); the batch grows after each.
-    first_epoch_steps = 12 // accumulate
+    # Epoch 0 has 12 // accumulate optimizer steps: stop 3 before its end, after the validation
+    # in its middle, after its last batch (on_train_batch_end), or after the epoch
+    # (on_train_epoch_end); the batch grows after each.
+    steps = 12 // accumulate
     steps_done, checkpoint = {
-        "mid-epoch": (first_epoch_steps - 3, tmp_path / "steps" / f"step={first_epoch_steps - 3}.ckpt"),
-        "last-batch-of-epoch": (first_epoch_steps, tmp_path / "steps" / f"step={first_epoch_steps}.ckpt"),
-        "epoch-end-callback": (first_epoch_steps, tmp_path / "epochs" / "epoch=0.ckpt"),
+        "mid-epoch": (steps - 3, tmp_path / "steps" / f"step={steps - 3}.ckpt"),
+        "after-mid-epoch-validation": (steps // 2, tmp_path / "validations" / f"step={steps // 2}.ckpt"),
+        "last-batch-of-epoch": (steps, tmp_path / "steps" / f"step={steps}.ckpt"),
+        "epoch-end-callback": (steps, tmp_path / "epochs" / "epoch=0.ckpt"),
     }[where]
     resumed, resumed_run = run(ckpt_path=str(checkpoint))
 
     assert resumed.batches == whole.batches[steps_done * accumulate:]  # epoch, batch_idx and indices
     assert resumed.lrs == whole.lrs[steps_done:]
+    assert resumed.validated_after == [(epoch, step) for epoch, step in whole.validated_after if step > steps_done]
     assert len(whole.lrs) == resumed_run.global_step == whole_run.global_step
+    assert torch.equal(resumed.net.weight, whole.net.weight)
+
+
+def adaptive_growth() -> AdaptiveBatchSize:
+    """An Adaptive schedule quick to decide: after 2 noise measurements (one per 8 samples), every 2 steps."""
+    return AdaptiveBatchSize(schedules.Adaptive(start=8, warmup=2, interval=2, exponent=1.0, hysteresis=0.0),
+                             noise_interval=8, max_batch_size=64)
+
+
+def test_an_adaptive_schedule_changes_the_size_within_an_epoch_and_each_epoch_still_ends_right() -> None:
+    # Its sizes are decided as the epoch goes, so the DataLoader has no length: Lightning finds
+    # each epoch's end by drawing a batch ahead, and validates and steps the epoch-wise LR there.
+    model, run = fit(adaptive_growth(), Data(size=192), limit_val_batches=1.0, num_sanity_val_steps=0)
+
+    first_epoch = [len(batch) for batch in model.batches_of(0)]
+    assert first_epoch[0] == 8 and max(first_epoch) > 8  # grown within epoch 0
+    assert_each_index_once_per_epoch(model, range(EPOCHS), size=192)
+    assert model.epoch_lengths == [float("inf")] * EPOCHS
+    epoch_ends = [sum(len(model.batches_of(e)) for e in range(epoch + 1)) for epoch in range(EPOCHS)]
+    assert model.validated_after == list(enumerate(epoch_ends))
+    assert model.optimizers().param_groups[0]["lr"] == pytest.approx(LR * 0.5 ** (EPOCHS // 2))  # StepLR stepped
+    assert run.global_step == len(model.batches)
+
+
+@pytest.mark.filterwarnings("ignore:.*(callbacks used to create the checkpoint|dirpath has changed)")
+@pytest.mark.parametrize("steps_done", [3, 10], ids=["before-it-grows", "after-it-grew"])
+def test_an_adaptive_schedule_resumes_the_same_decisions(tmp_path: Path, steps_done: int) -> None:
+    every_step = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    whole, _ = fit(adaptive_growth(), Data(size=192), callbacks=[every_step], enable_checkpointing=True,
+                   max_epochs=2, default_root_dir=tmp_path)
+    resumed, _ = fit(adaptive_growth(), Data(size=192), ckpt_path=str(tmp_path / "steps" / f"step={steps_done}.ckpt"),
+                     enable_checkpointing=True, max_epochs=2, default_root_dir=tmp_path)
+
+    assert len({len(indices) for _, _, indices in whole.batches[:steps_done]}) == (1 if steps_done == 3 else 2)
+    assert resumed.batches == whole.batches[steps_done:]
+    assert resumed.lrs == whole.lrs[steps_done:]
     assert torch.equal(resumed.net.weight, whole.net.weight)
 
 
@@ -198,7 +243,9 @@ def test_validation_interval_and_progress_bar_follow_the_epoch_length() -> None:
                    enable_progress_bar=True, limit_val_batches=1.0, val_check_interval=0.5, num_sanity_val_steps=0)
     lengths = [16, 8, 4, 4]
     assert model.epoch_lengths == lengths
-    assert model.validated_after == [(epoch, n) for epoch, length in enumerate(lengths) for n in (length // 2, length)]
+    steps_before = [0, 16, 24, 28]
+    assert model.validated_after == [(epoch, steps_before[epoch] + n) for epoch, length in enumerate(lengths)
+                                     for n in (length // 2, length)]
     assert bar.totals == [(length, length) for length in lengths]
 
 
@@ -303,3 +350,15 @@ def test_fit_from_train_dataloaders_and_all_scheduler_options() -> None:
     assert min(sizes) >= 8 and max(sizes) <= 48
     assert callback.scheduler.noise_meter is not None and callback.scheduler.noise_meter.noise.steps > 0
     assert callback.scheduler.steps == run.global_step == len(sizes)
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_the_mnist1d_example_trains_with_a_growing_batch(tmp_path: Path) -> None:
+    pytest.importorskip("mnist1d")
+    example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "lightning_mnist1d.py"))
+    summary = example["main"](["--epochs", "5", "--num-samples", "1000", "--logdir", str(tmp_path)])
+    assert summary["batch_sizes"] == [32, 32, 32, 32, 128]  # 800 training sequences
+    assert summary["steps"] == 4 * 25 + 7
+    assert summary["val_acc"] > 0.2  # chance is 0.1
+    events = EventAccumulator(summary["logdir"]).Reload()
+    assert {"adabatch/batch_size", "train_loss", "val_acc"} <= set(events.Tags()["scalars"])

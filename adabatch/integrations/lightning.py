@@ -222,7 +222,9 @@ class AdaptiveBatchSize(Callback):
         if self.sampler is None:
             self.sampler = AdaptiveBatchSampler(loader.dataset, self.scheduler, seed=seed, remainder=self.remainder,
                                                 **order)
-            self._batches = _LightningBatchSampler(self.sampler, trainer.accumulate_grad_batches,
+            # An adaptive schedule or a memory cap decides sizes as the epoch goes: its length is unknown.
+            sized = not (self.scheduler.schedule.needs_noise or self.scheduler.memory.device is not None)
+            self._batches = _LightningBatchSampler(self.sampler, trainer.accumulate_grad_batches, sized,
                                                    lambda: trainer.current_epoch, self._trained_in)
         elif (len(loader.dataset), order["shuffle"], seed) != (self.sampler.dataset_size, self.sampler.shuffle,
                                                                self.sampler.seed):
@@ -259,11 +261,12 @@ class _LightningBatchSampler(Sampler[list[int]]):
     calls ``batch_sampler.sampler.set_epoch`` after it has begun the epoch's iteration.
     """
 
-    def __init__(self, sampler: AdaptiveBatchSampler, chunks: int, epoch: Callable[[], int],
+    def __init__(self, sampler: AdaptiveBatchSampler, chunks: int, sized: bool, epoch: Callable[[], int],
                  trained_in: Callable[[int], int]) -> None:
         super().__init__()
         self.adaptive = sampler
         self.chunks = chunks
+        self.sized = sized
         self.epoch = epoch
         self.trained_in = trained_in
         self._epoch_set: int | None = None
@@ -276,6 +279,9 @@ class _LightningBatchSampler(Sampler[list[int]]):
         return epoch
 
     def __len__(self) -> int:
+        if not self.sized:
+            # Lightning then finds the epoch's end by drawing one batch ahead.
+            raise TypeError("the batch sizes of this epoch are decided as it goes: its number of batches is unknown")
         epoch = self._begin_epoch()
         return self.trained_in(epoch) + self.chunks * len(self.adaptive)
 
