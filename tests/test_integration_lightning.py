@@ -39,7 +39,8 @@ BATCHES_PER_EPOCH = [12, 6, 3, 3]
 
 @pytest.fixture(autouse=True)
 def quiet() -> None:
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger|GPU available).*")
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|litlogger|GPU available|"
+                                              "but have no .val_dataloader.).*")
 
 
 def trainer(**settings: object) -> pl.Trainer:
@@ -112,7 +113,8 @@ def test_lr_factor_composes_with_the_lr_scheduler_of_configure_optimizers(manual
     model, _ = fit(callback, model=Recorder(manual=manual))
 
     # StepLR halves every 2 epochs; "linear" multiplies by the batch over the first batch, 8.
-    expected = [LR * 0.5 ** (epoch // 2) * len(batch) / 8 for epoch in range(EPOCHS) for batch in model.batches_of(epoch)]
+    expected = [LR * 0.5 ** (epoch // 2) * len(batch) / 8
+                for epoch in range(EPOCHS) for batch in model.batches_of(epoch)]
     assert model.lrs == pytest.approx(expected, rel=1e-12)
     assert callback.scheduler.get_last_lr() == pytest.approx([expected[-1]])
     # Outside the step the optimizer holds StepLR's own value: nothing compounded.
@@ -120,7 +122,7 @@ def test_lr_factor_composes_with_the_lr_scheduler_of_configure_optimizers(manual
 
 
 def test_lr_factor_composes_with_a_per_step_lr_scheduler() -> None:
-    model, run = fit(AdaptiveBatchSize(schedules.Step(**GROWTH), lr_scaling="sqrt"), model=Recorder(lr_interval="step"))
+    model, _ = fit(AdaptiveBatchSize(schedules.Step(**GROWTH), lr_scaling="sqrt"), model=Recorder(lr_interval="step"))
     sizes = [len(batch) for epoch in range(EPOCHS) for batch in model.batches_of(epoch)]
     expected = [LR * 0.5 ** (step // 10) * (size / 8) ** 0.5 for step, size in enumerate(sizes)]
     assert model.lrs == pytest.approx(expected, rel=1e-12)
@@ -337,11 +339,12 @@ def test_bad_options_fail_when_the_callback_is_built(options, error, message) ->
         AdaptiveBatchSize(schedules.Constant(8), **options)
 
 
-def test_fit_from_train_dataloaders_and_all_scheduler_options() -> None:
-    # The loader handed to fit() directly; an Adaptive schedule with its defaults ("gain" scaling,
-    # the noise measured from the gradients Lightning leaves after each step).
+def test_a_loader_given_to_fit_and_the_scheduler_options_passed_through() -> None:
+    # The loader handed to fit() directly; Adaptive with its default "gain" scaling, the noise
+    # measured from the gradients Lightning leaves after each step.
     callback = AdaptiveBatchSize(schedules.Adaptive(), min_batch_size=8, max_batch_size=48, memory=None,
-                                 warmup_steps=1, log_every=2, collective=None, noise_interval=16, remainder="wrap", seed=1)
+                                 warmup_steps=1, log_every=2, collective=None, noise_interval=16, remainder="wrap",
+                                 seed=1)
     model = Recorder()
     run = trainer(callbacks=[callback], max_epochs=3)
     run.fit(model, train_dataloaders=DataLoader(IndexedRegression(SIZE), batch_size=8, shuffle=True,
@@ -350,6 +353,10 @@ def test_fit_from_train_dataloaders_and_all_scheduler_options() -> None:
     assert min(sizes) >= 8 and max(sizes) <= 48
     assert callback.scheduler.noise_meter is not None and callback.scheduler.noise_meter.noise.steps > 0
     assert callback.scheduler.steps == run.global_step == len(sizes)
+    scheduler, sampler = callback.scheduler, callback.sampler
+    assert (scheduler.constraints.max_batch_size, scheduler.warmup_steps, scheduler.lr_scaling) == (48, 1, "gain")
+    assert (scheduler.memory.device, scheduler.collective, scheduler.logger) == (None, None, None)  # no TB logger
+    assert (sampler.remainder, sampler.seed, sampler.shuffle) == ("wrap", 1, True)
 
 
 @pytest.mark.filterwarnings("ignore:The number of training batches")

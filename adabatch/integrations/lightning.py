@@ -2,20 +2,20 @@
 LightningModule and DataModule.
 
 Lightning builds the training DataLoader itself, sizes each epoch from ``len(dataloader)`` and
-steps the optimizer through its own loop, so the callback works at three points:
+steps the optimizer in its own loop, so the callback works at three points (docs/lightning.md
+lists what Lightning forces and how each is met):
 
-* the DataLoader: the strategy's ``process_dataloader`` hook (through which every training
-  DataLoader passes, after Lightning has injected its ``DistributedSampler``) is wrapped, and the
-  user's loader comes out rebuilt on an :class:`~adabatch.AdaptiveBatchSampler` with the same
-  dataset, ``collate_fn``, workers and pinning; its order (shuffled or not, the seed, the ranks)
-  is read from the sampler it had;
-* the length of each epoch: the train DataLoader is reloaded every epoch
-  (``trainer.reload_dataloaders_every_n_epochs = 1`` for the fit), because Lightning computes
-  the number of batches, ``val_check_interval`` and the progress bar's total only when it loads
-  the DataLoader;
-* the step: a :class:`~adabatch.BatchSizeScheduler` is built on the module's optimizer when the
-  fit starts and counts every optimizer step (``trainer.global_step`` moving) at the end of the
-  batch; its state and the epoch's progress are the callback's checkpoint state.
+* the DataLoader: the strategy's ``process_dataloader`` hook, through which every training
+  DataLoader passes after Lightning has injected its ``DistributedSampler``, is wrapped; the
+  user's loader comes out rebuilt on an :class:`~adabatch.AdaptiveBatchSampler`, with the order
+  (shuffle, seed, ranks) of the sampler it had and its other settings;
+* the epoch: the DataLoader is reloaded at every epoch, because Lightning computes an epoch's
+  number of batches, ``val_check_interval`` and the progress bar's total only then; its length
+  counts the whole epoch, the batches trained before a restart too, or is unknown when the
+  sizes are decided as the epoch goes;
+* the step: a :class:`~adabatch.BatchSizeScheduler` on the module's optimizer counts each
+  optimizer step (``trainer.global_step`` moving) at the end of its batch. Its state is the
+  callback's checkpoint state, the sampler's the DataLoader's.
 
 Importing this module imports Lightning; ``import adabatch`` does not.
 """
@@ -134,7 +134,7 @@ class AdaptiveBatchSize(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader
-        if not (isinstance(loader, DataLoader) and loader.batch_sampler is self._batches):
+        if loader is not None and not (isinstance(loader, DataLoader) and loader.batch_sampler is self._batches):
             raise RuntimeError(
                 f"AdaptiveBatchSize drives one training DataLoader, built from the one train_dataloader() returns; "
                 f"the Trainer is training on {type(loader).__name__}. Return a single DataLoader"
