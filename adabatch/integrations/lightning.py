@@ -72,7 +72,7 @@ class AdaptiveBatchSize(Callback):
       ``multiple_of`` hold for each of these.
     * Every index is used once per epoch (``remainder="balance"``). Under ``strategy="ddp"``
       each rank gets its share of every global batch, with no change to the Trainer: the
-      ``DistributedSampler`` Lightning injects only lends its seed and shuffle.
+      ``DistributedSampler`` Lightning injects only lends its seed, shuffle and ranks.
     * The curves go to the Trainer's ``TensorBoardLogger`` (rank 0), under ``adabatch/``.
     * Checkpoints hold the scheduler's state, so ``fit(ckpt_path=...)`` from a checkpoint
       saved after any optimizer step trains the same remaining batches at the same learning
@@ -81,7 +81,9 @@ class AdaptiveBatchSize(Callback):
     Lightning loads the train DataLoader again at every epoch for this (it computes an epoch's
     number of batches, ``val_check_interval`` and the progress bar's total only then):
     ``reload_dataloaders_every_n_epochs`` is 1 during the fit, so ``train_dataloader()`` and
-    ``val_dataloader()`` are called once per epoch.
+    ``val_dataloader()`` are called once per epoch. Under ``Adaptive()`` or a memory cap the
+    sizes are decided as the epoch goes, and the DataLoader has no length: Lightning then finds
+    each epoch's end by drawing a batch ahead (``val_check_interval`` must be 1.0, an int or a time).
 
     Args:
         schedule (Schedule or callable): the batch size wanted, global and per optimizer step
