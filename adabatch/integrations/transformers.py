@@ -270,13 +270,14 @@ class AdaptiveBatchTrainer(Trainer):
         return scheduler.layout.epoch_of(scheduler.next_batch(scheduler.position)[0]), 0
 
     def _run_epoch(self, **kwargs: Any) -> None:
-        # The sampler starts the epoch where training stands and get_batch_samples ends it where
-        # the sampler's data ends: no batch for the Trainer to skip, no count of updates fixed
-        # from the first epoch's length (one sampler batch is GA micro-batches, so the Trainer
-        # never meets a short accumulation at the end of an epoch).
-        accumulation = self.args.gradient_accumulation_steps
-        kwargs.update(steps_trained_in_current_epoch=0, num_update_steps_per_epoch=sys.maxsize,
-                      steps_in_epoch=sys.maxsize * accumulation)
+        # get_batch_samples ends the epoch where the sampler's data ends; the Trainer's count of
+        # updates, fixed from the first epoch's length, becomes a bound: a batch per sample left.
+        # As one sampler batch is GA micro-batches, the Trainer never meets a short
+        # accumulation at the end of an epoch.
+        scheduler = self.batch_size_scheduler
+        updates = max(1, scheduler.layout.epoch_start(kwargs["epoch"] + 1) - scheduler.position)
+        kwargs.update(num_update_steps_per_epoch=updates,
+                      steps_in_epoch=updates * self.args.gradient_accumulation_steps)
         super()._run_epoch(**kwargs)
 
     def get_batch_samples(self, epoch_iterator: Iterator[Batch], num_batches: int,
