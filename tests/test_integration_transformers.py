@@ -136,12 +136,14 @@ def test_an_adaptive_schedule_resumes_with_its_decisions(tmp_path):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
-def test_sequential_sampling_and_drop_last_come_from_the_training_arguments(tmp_path):
-    # 100 rows in batches of 8: twelve batches in order, the last 4 rows dropped.
+def test_the_batch_grows_mid_epoch_in_order_and_drops_the_short_end(tmp_path):
+    # 100 rows in order: 5 batches of 8, then of 16 from sample 40; the last 12 rows, short of 16, are dropped.
     trainer = worker.make_trainer(tmp_path, dataset_size=100, num_train_epochs=1,
+                                  schedule=schedules.Step(start=8, factor=2, milestones=[40], unit="sample"),
                                   train_sampling_strategy="sequential", dataloader_drop_last=True)
     trainer.train()
-    assert [indices(step) for step in trainer.steps] == [list(range(s, s + 8)) for s in range(0, 96, 8)]
+    starts = list(range(0, 40, 8)) + list(range(40, 100 - 16 + 1, 16))
+    assert [indices(step) for step in trainer.steps] == [list(range(s, s + (8 if s < 40 else 16))) for s in starts]
 
 
 def test_adabatch_curves_go_next_to_the_trainers_in_tensorboard(tmp_path):
