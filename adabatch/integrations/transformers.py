@@ -298,9 +298,11 @@ class AdaptiveBatchTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save and self.batch_size_scheduler is not None:
             # The scheduler's and sampler's states count the global stream: the same on every process.
+            # The horizon is kept for a run of epochs, which planned it.
+            epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
             torch.save({"scheduler": self.batch_size_scheduler.state_dict(),
                         "sampler": self.batch_sampler.state_dict(),
-                        "num_train_epochs": self.args.num_train_epochs, "max_steps": self.state.max_steps},
+                        "num_train_epochs": epochs, "max_steps": self.state.max_steps},
                        os.path.join(output_dir, STATE_NAME))
 
 
