@@ -81,6 +81,11 @@ def test_records_time_the_baseline_quality_and_the_ratios_pair_seeds():
     assert summary["adaptive"]["wall_ratio"] == summary["adaptive"]["cpu_ratio"] == pytest.approx(3 / 4)
     assert summary["adaptive"]["quality_vs_baseline"] == pytest.approx(0.2)
     assert summary["adaptive"]["time_to_baseline_quality_ratio"] == pytest.approx(2 / 4)
+    # at 0, 1/8, 1/4, 1/2, 3/4 and the end of its 300 samples
+    assert summary["adaptive"]["batch_size_at"] == [32, 32, 32, 64, 64, 64]
+    assert summary["adaptive"]["noise_scale_at"] == [None] * 5 + [40.0]
+    assert summary["baseline"]["noise_scale_at"] == [None] * 6
+    assert summary["adaptive"]["lr_factor_at"] == [None] * 5 + [1.3]
     assert "| adaptive | 99.20 ± 0.00 | +0.20 | 3.0 | 0.75 | 0.75 | 30 | 0.75 | 1/1 seeds | 0.50 | 0.50 | 64 |" \
         in markdown(summary.values())
 
@@ -156,6 +161,13 @@ def test_the_command_line_prints_json_lines_and_writes_the_report(tmp_path):
     again = run_suite("--report", str(out.with_suffix(".jsonl")))
     assert again.returncode == 0, again.stderr
     assert markdown(summarise(records)) in again.stdout
+
+
+def test_a_report_from_a_file_that_is_not_json_lines_names_it(tmp_path):
+    table = tmp_path / "suite.md"
+    table.write_text("| policy |\n")
+    completed = run_suite("--report", str(table))
+    assert completed.returncode == 1 and f"--report: {table} line 1 is not a JSON record" in completed.stderr
 
 
 @pytest.mark.parametrize("args, message", [(["--threads", "0"], "--threads must be at least 1, got 0"),

@@ -53,6 +53,31 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+#: Where in a run (fractions of its samples) the tables show the batch size and the signals.
+FRACTIONS = (0.0, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+FRACTION_NAMES = "0 · 1/8 · 1/4 · 1/2 · 3/4 · end"
+
+
+def _at(points: Sequence[Sequence[Any]], samples: float) -> list[Any] | None:
+    """The values of the last of ``points`` (``[samples, value, ...]``, in order) at or before ``samples``."""
+    found = None
+    for point in points:
+        if point[0] > samples:
+            break
+        found = list(point[1:])
+    return found
+
+
+def _median_at(runs: Sequence[dict[str, Any]], key: str, column: int) -> list[float | None]:
+    """The median over ``runs`` of column ``column`` of ``runs[i][key]`` at each of :data:`FRACTIONS`."""
+    medians = []
+    for fraction in FRACTIONS:
+        values = [(_at(r[key], fraction * r["samples"]) or [None] * (column + 1))[column] for r in runs]
+        known = [v for v in values if v is not None]
+        medians.append(statistics.median(known) if known else None)
+    return medians
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary per (task, policy), in the order first seen: means over seeds and the mean
     per-seed ratios to the baseline of the same task and seed."""
@@ -87,6 +112,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                                     for r, b in reached_pairs]),
             "steps_to_baseline_quality": _mean([r["steps_to_baseline_quality"] for r in reached]),
             "final_batch_size": statistics.median(r["final_batch_size"] for r in runs),
+            "batch_size_at": _median_at(runs, "batch_sizes", 0),
+            "noise_scale_at": _median_at(runs, "signals", 0),
+            "lr_factor_at": _median_at(runs, "signals", 1),
         })
     return summaries
 
@@ -95,10 +123,16 @@ def _number(value: float | None, form: str) -> str:
     return "–" if value is None else format(value, form)
 
 
+def _series(values: Sequence[float | None], form: str) -> str:
+    return " · ".join(_number(value, form) for value in values)
+
+
 def markdown(summaries: Iterable[dict[str, Any]]) -> str:
-    """A markdown table per task: quality, time, steps and time to the baseline's final quality,
-    the ratios to the baseline's whole run (wall time, and CPU time)."""
+    """Two markdown tables per task: quality, time, steps and time to the baseline's final
+    quality, as ratios to the baseline's whole run (wall time, and CPU time); then the batch
+    size, the noise scale and the learning-rate factor along the run (medians over seeds)."""
     sections: dict[str, list[str]] = {}
+    trajectories: dict[str, list[str]] = {}
     for s in summaries:
         lines = sections.setdefault(s["task"], [
             f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline | wall s | wall × baseline | CPU × baseline "
@@ -113,12 +147,21 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
             f"{_number(s['cpu_ratio'], '.2f')} | {s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | "
             f"{s['reached']} seeds | {_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
             f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
-    return "\n\n".join(f"### {task}\n\n" + "\n".join(lines) for task, lines in sections.items())
+        trajectories.setdefault(s["task"], [
+            f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
+            f"LR factor (adabatch's) at the same |",
+            "|---|---|---|---|",
+        ]).append(f"| {s['policy']} | {_series(s['batch_size_at'], 'g')} | {_series(s['noise_scale_at'], '.3g')} | "
+                  f"{_series(s['lr_factor_at'], '.2f')} |")
+    return "\n\n".join(f"### {task}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(trajectories[task])
+                       for task, lines in sections.items())
 
 
 def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
-    """Quality against training wall time and batch size against samples, every policy and seed of ``task``."""
+    """Quality against training CPU time (steadier than the wall time on a shared machine) and
+    the batch size against samples, for every policy and seed of ``task``."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,19 +174,25 @@ def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
         label = None if r["policy"] in labelled else r["policy"]
         labelled.add(r["policy"])
         curve = [Evaluation(*point) for point in r["curve"]]
-        quality_axis.plot([e.wall_s for e in curve], [e.quality for e in curve], color=colours[r["policy"]],
+        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], color=colours[r["policy"]],
                           label=label, alpha=0.7)
         points = r["batch_sizes"] + [[r["samples"], r["batch_sizes"][-1][1]]]
         batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", color=colours[r["policy"]],
                         label=label, alpha=0.7)
     final = [r["final_quality"] for r in runs if r["policy"] == "baseline"]
-    if final:
-        quality_axis.axhline(statistics.mean(final), color="grey", linestyle=":", linewidth=1)
-        spread = max(abs(statistics.mean(final)) * 0.1, 1.0 if runs[0]["metric"].startswith("accuracy") else 0.0)
-        bottom, top = statistics.mean(final) - spread, statistics.mean(final) + spread
-        quality_axis.set_ylim(bottom, top)
-    quality_axis.set(xlabel="training wall time (s)", ylabel=runs[0]["metric"], title=f"{task}: held-out quality")
-    batch_axis.set(xlabel="samples seen", ylabel="batch size", yscale="log", title=f"{task}: batch size")
+    if final:  # around the baseline's final quality, where the policies part
+        target = statistics.mean(final)
+        quality_axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+        if runs[0]["metric"].startswith("accuracy"):
+            quality_axis.set_ylim(target - 3, min(100, target + 1))
+        else:
+            quality_axis.set_ylim(target * 0.95, target * 1.3)
+    quality_axis.set(xlabel="training CPU time (s), one thread", ylabel=runs[0]["metric"],
+                     title=f"{task}: held-out quality")
+    batch_axis.set(xlabel="samples seen", ylabel="batch size", title=f"{task}: batch size")
+    batch_axis.set_yscale("log", base=2)
+    batch_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    batch_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for axis in (quality_axis, batch_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

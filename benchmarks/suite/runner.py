@@ -14,6 +14,7 @@ process on a 2-core machine, two threads waiting for each other slow a run 3–4
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -74,16 +75,31 @@ def write(records: list[dict[str, Any]], out: Path, header: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     sections = [header, markdown(summarise(records))]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        matplotlib = None
-    if matplotlib is not None:
+    if importlib.util.find_spec("matplotlib") is not None:
         for task in dict.fromkeys(r["task"] for r in records):
             image = out.with_name(f"{out.stem}-{task}.png")
             plot(records, task, image)
             sections.append(f"![{task}]({image.name})")
     out.write_text("\n\n".join(sections) + "\n")
+
+
+def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The records in the JSON-lines files ``paths``, in order.
+
+    Raises:
+        SystemExit: naming the file and line that is not a record.
+    """
+    records = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"--report: {path} line {number} is not a JSON record (the .jsonl that --out "
+                                 f"writes is)") from None
+    return records
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -115,8 +131,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
-        records = [json.loads(line) for path in args.report for line in path.read_text().splitlines() if line]
-        header = f"Runs read from {', '.join(str(p) for p in args.report)}."
+        records = read_records(args.report)
+        header = (f"{len(records)} runs read from {', '.join(p.name for p in args.report)}: "
+                  f"{sum(r['wall_s'] for r in records) / 60:.0f} min of training wall time, "
+                  f"{sum(r['cpu_s'] for r in records) / 60:.0f} min of CPU time.")
     else:
         torch.set_num_threads(args.threads)
         begin = time.perf_counter()
