@@ -18,7 +18,7 @@ from benchmarks.suite import TASKS
 from benchmarks.suite.policies import policies
 from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
 from benchmarks.suite.report import markdown, record, summarise
-from benchmarks.suite.runner import run_task
+from benchmarks.suite.runner import main, run_task
 from benchmarks.suite.training import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,12 +166,17 @@ def test_the_command_line_prints_json_lines_and_writes_the_report(tmp_path):
 def test_a_report_from_a_file_that_is_not_json_lines_names_it(tmp_path):
     table = tmp_path / "suite.md"
     table.write_text("| policy |\n")
-    completed = run_suite("--report", str(table))
-    assert completed.returncode == 1 and f"--report: {table} line 1 is not a JSON record" in completed.stderr
+    with pytest.raises(SystemExit, match=f"--report: {table} line 1 is not a JSON record"):
+        main(["--report", str(table)])
 
 
-@pytest.mark.parametrize("args, message", [(["--threads", "0"], "--threads must be at least 1, got 0"),
-                                           (["--task", "imagenet"], "invalid choice: 'imagenet'")])
-def test_bad_arguments_are_named(args, message):
-    completed = run_suite(*args)
-    assert completed.returncode == 2 and message in completed.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--task", "gpt", "--policies", "fixed-64"], "--policies: policy_names has ['fixed-64'], which gpt does not run "
+                                                  "without sweep; choose from ['baseline', 'adaptive', 'timetable']"),
+    (["--task", "imagenet"], "invalid choice: 'imagenet'"),
+])
+def test_bad_arguments_are_named(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert message in str(exit.value.code) + capsys.readouterr().err

@@ -24,12 +24,26 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import TASKS
-from .policies import DEFAULT_POLICIES, policies
+from .policies import DEFAULT_POLICIES, Policy, policies
 from .report import markdown, plot, record, summarise
 from .task import Task
 from .training import Run, train
 
-__all__ = ["main", "run_task"]
+__all__ = ["choose_policies", "main", "run_task"]
+
+
+def choose_policies(task: Task, sweep: bool, policy_names: Sequence[str] | None) -> list[Policy]:
+    """The policies of ``task`` named in ``policy_names`` and the baseline, or all if ``None``.
+
+    Raises:
+        ValueError: if a name is not one of the task's policies.
+    """
+    available = policies(task, sweep)
+    unknown = sorted(set(policy_names or ()) - {p.name for p in available})
+    if unknown:
+        raise ValueError(f"policy_names has {unknown}, which {task.name} does not run"
+                         f"{'' if sweep else ' without sweep'}; choose from {[p.name for p in available]}")
+    return [p for p in available if policy_names is None or p.name in policy_names or p.name == "baseline"]
 
 
 def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bool = False, num_workers: int = 0,
@@ -47,8 +61,7 @@ def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bo
         policy_names (sequence of str, optional): run only these (and the baseline). Default: all.
         on_record (callable): called with each record as soon as it exists.
     """
-    chosen = [p for p in policies(task, sweep) if policy_names is None or p.name in policy_names
-              or p.name == "baseline"]
+    chosen = choose_policies(task, sweep, policy_names)
     train_set, test_set = task.data(quick)
     records = []
     for seed in seeds:
@@ -142,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         def emit(r: dict[str, Any]) -> None:
             print(json.dumps(r) if args.json else _progress_line(r), flush=True)
 
+        for name in args.task:  # before any training
+            try:
+                choose_policies(TASKS[name], args.sweep, args.policies)
+            except ValueError as error:
+                raise SystemExit(f"--policies: {error}") from None
         records = []
         for name in args.task:
             records += run_task(TASKS[name], args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
