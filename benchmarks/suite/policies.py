@@ -1,0 +1,77 @@
+"""The batch-size policies the suite compares, built for a task.
+
+* ``baseline``: the task's small fixed batch (``Task.baseline_batch_size``).
+* ``adaptive``: ``schedules.Adaptive()`` with every default, as the README's quickstart wires
+  it: the schedule's own learning-rate rule (AdaScale's gain), its own start and reference.
+* ``timetable``: ``Step(start=baseline, factor=4)`` at 1/4 and 1/2 of the epochs, with the
+  timetables' default rule (the learning rate kept: Smith et al. 2018).
+
+``--sweep`` adds the oracle's candidates: fixed 16 … 512 with the learning rate scaled by the
+square root of the batch over the baseline's (for SGD too: the linear rule takes SGD at 0.05
+to 0.8 at 512, where it diverges), and three more timetables:
+
+* ``step-x2-late``: ×2 at 1/2 and 3/4 of the epochs, learning rate kept;
+* ``geometric``: ×2 every 1/8 of the epochs, learning rate kept;
+* ``doubling-sqrt``: ×2 at 1/4, 1/2 and 3/4 with the learning rate ×√2 at each doubling, the
+  schedule of Merrill et al. 2025.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from adabatch import schedules
+
+from .task import Task
+
+__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "Policy", "policies"]
+
+#: The cap of every policy's batch.
+MAX_BATCH_SIZE = 1024
+SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256, 512)
+DEFAULT_POLICIES = ("baseline", "adaptive", "timetable")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one run sets its batch size and its learning-rate factor.
+
+    Args:
+        name (str): the name in the tables.
+        schedule (callable): ``schedule(epochs)``, a new schedule for a run of ``epochs``.
+        lr_scaling (str, optional): the scheduler's ``lr_scaling``. Default: the schedule's own.
+        reference_batch_size (int, optional): where the factor is 1. Default: the schedule's start.
+    """
+
+    name: str
+    schedule: Callable[[int], schedules.Schedule]
+    lr_scaling: str | None = None
+    reference_batch_size: int | None = None
+
+
+def _fractions(epochs: int, *fractions: float) -> list[float]:
+    return [epochs * fraction for fraction in fractions]
+
+
+def policies(task: Task, sweep: bool = False) -> list[Policy]:
+    """The policies to run on ``task``: the default three, and the sweep's if ``sweep``."""
+    start = task.baseline_batch_size
+    chosen = [
+        Policy("baseline", lambda epochs: schedules.Constant(start)),
+        Policy("adaptive", lambda epochs: schedules.Adaptive()),
+        Policy("timetable", lambda epochs: schedules.Step(start, 4, _fractions(epochs, 1 / 4, 1 / 2))),
+    ]
+    if not sweep:
+        return chosen
+    for size in SWEEP_BATCH_SIZES:
+        if size != start:  # the baseline itself
+            chosen.append(Policy(f"fixed-{size}", lambda epochs, size=size: schedules.Constant(size),
+                                 lr_scaling="sqrt", reference_batch_size=start))
+    chosen += [
+        Policy("step-x2-late", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 2, 3 / 4))),
+        Policy("geometric", lambda epochs: schedules.Geometric(start, 2, every=epochs / 8)),
+        Policy("doubling-sqrt", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 4, 1 / 2, 3 / 4)),
+               lr_scaling="sqrt"),
+    ]
+    return chosen

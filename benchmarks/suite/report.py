@@ -1,0 +1,201 @@
+"""Records of runs, and the tables and plots made from them.
+
+A record is one JSON-ready dict per (task, policy, seed) (:func:`record`); the tables average
+over the seeds and divide by the baseline of the same task, seed by seed (the policies of one
+seed ran back to back, so they saw about the same load), then average the ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .quality import Evaluation, Metric, first_reaching
+from .training import Run
+
+__all__ = ["markdown", "plot", "record", "summarise"]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def record(run: Run, baseline: Run, metric: Metric) -> dict[str, Any]:
+    """The JSON record of ``run``, judged against the final quality of ``baseline`` (the same
+    task and seed; ``run`` itself for the baseline)."""
+    target = baseline.final.quality
+    reached = first_reaching(run.curve, target, metric)
+    return {
+        "task": run.task,
+        "policy": run.policy,
+        "seed": run.seed,
+        "metric": metric.name,
+        "final_quality": run.final.quality,
+        "wall_s": round(run.final.wall_s, 3),
+        "cpu_s": round(run.final.cpu_s, 3),
+        "steps": run.final.steps,
+        "samples": run.final.samples,
+        "baseline_quality": target,
+        "time_to_baseline_quality": None if reached is None else round(reached.wall_s, 3),
+        "cpu_to_baseline_quality": None if reached is None else round(reached.cpu_s, 3),
+        "steps_to_baseline_quality": None if reached is None else reached.steps,
+        "samples_to_baseline_quality": None if reached is None else reached.samples,
+        "final_batch_size": run.batch_sizes[-1][1],
+        "batch_sizes": [list(point) for point in run.batch_sizes],
+        "curve": [[e.samples, round(e.wall_s, 3), round(e.cpu_s, 3), e.steps, e.quality] for e in run.curve],
+        "signals": [[samples, _finite(noise), factor] for samples, noise, factor in run.signals],
+    }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+#: Where in a run (fractions of its samples) the tables show the batch size and the signals.
+FRACTIONS = (0.0, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+FRACTION_NAMES = "0 · 1/8 · 1/4 · 1/2 · 3/4 · end"
+
+
+def _at(points: Sequence[Sequence[Any]], samples: float) -> list[Any] | None:
+    """The values of the last of ``points`` (``[samples, value, ...]``, in order) at or before ``samples``."""
+    found = None
+    for point in points:
+        if point[0] > samples:
+            break
+        found = list(point[1:])
+    return found
+
+
+def _median_at(runs: Sequence[dict[str, Any]], key: str, column: int) -> list[float | None]:
+    """The median over ``runs`` of column ``column`` of ``runs[i][key]`` at each of :data:`FRACTIONS`."""
+    medians = []
+    for fraction in FRACTIONS:
+        values = [(_at(r[key], fraction * r["samples"]) or [None] * (column + 1))[column] for r in runs]
+        known = [v for v in values if v is not None]
+        medians.append(statistics.median(known) if known else None)
+    return medians
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (task, policy), in the order first seen: means over seeds and the mean
+    per-seed ratios to the baseline of the same task and seed."""
+    baselines = {(r["task"], r["seed"]): r for r in records if r["policy"] == "baseline"}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["policy"]), []).append(r)
+    summaries = []
+    for (task, policy), runs in groups.items():
+        paired = [(r, baselines[(task, r["seed"])]) for r in runs if (task, r["seed"]) in baselines]
+        qualities = [r["final_quality"] for r in runs]
+        reached = [r for r in runs if r["time_to_baseline_quality"] is not None]
+        reached_pairs = [(r, b) for r, b in paired if r["time_to_baseline_quality"] is not None]
+        summaries.append({
+            "task": task,
+            "policy": policy,
+            "metric": runs[0]["metric"],
+            "seeds": len(runs),
+            "final_quality": statistics.mean(qualities),
+            "final_quality_std": statistics.stdev(qualities) if len(qualities) > 1 else 0.0,
+            "quality_vs_baseline": _mean([r["final_quality"] - b["final_quality"] for r, b in paired]),
+            "wall_s": statistics.mean(r["wall_s"] for r in runs),
+            "wall_ratio": _mean([r["wall_s"] / b["wall_s"] for r, b in paired]),
+            "cpu_ratio": _mean([r["cpu_s"] / b["cpu_s"] for r, b in paired]),
+            "steps": statistics.mean(r["steps"] for r in runs),
+            "steps_ratio": _mean([r["steps"] / b["steps"] for r, b in paired]),
+            "reached": f"{len(reached)}/{len(runs)}",
+            "time_to_baseline_quality": _mean([r["time_to_baseline_quality"] for r in reached]),
+            "time_to_baseline_quality_ratio": _mean([r["time_to_baseline_quality"] / b["wall_s"]
+                                                     for r, b in reached_pairs]),
+            "cpu_to_baseline_quality_ratio": _mean([r["cpu_to_baseline_quality"] / b["cpu_s"]
+                                                    for r, b in reached_pairs]),
+            "steps_to_baseline_quality": _mean([r["steps_to_baseline_quality"] for r in reached]),
+            "final_batch_size": statistics.median(r["final_batch_size"] for r in runs),
+            "batch_size_at": _median_at(runs, "batch_sizes", 0),
+            "noise_scale_at": _median_at(runs, "signals", 0),
+            "lr_factor_at": _median_at(runs, "signals", 1),
+        })
+    return summaries
+
+
+def _number(value: float | None, form: str) -> str:
+    return "–" if value is None else format(value, form)
+
+
+def _series(values: Sequence[float | None], form: str) -> str:
+    return " · ".join(_number(value, form) for value in values)
+
+
+def markdown(summaries: Iterable[dict[str, Any]]) -> str:
+    """Two markdown tables per task: quality, time, steps and time to the baseline's final
+    quality, as ratios to the baseline's whole run (wall time, and CPU time); then the batch
+    size, the noise scale and the learning-rate factor along the run (medians over seeds)."""
+    sections: dict[str, list[str]] = {}
+    trajectories: dict[str, list[str]] = {}
+    for s in summaries:
+        lines = sections.setdefault(s["task"], [
+            f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline | wall s | wall × baseline | CPU × baseline "
+            f"| steps | × baseline | reached baseline's quality | wall to it × baseline's | CPU to it × baseline's "
+            f"| final batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ])
+        digits = ".2f" if s["metric"].startswith("accuracy") else ".4f"
+        lines.append(
+            f"| {s['policy']} | {s['final_quality']:{digits}} ± {s['final_quality_std']:{digits}} | "
+            f"{_number(s['quality_vs_baseline'], '+' + digits)} | {s['wall_s']:.1f} | {_number(s['wall_ratio'], '.2f')} | "
+            f"{_number(s['cpu_ratio'], '.2f')} | {s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | "
+            f"{s['reached']} seeds | {_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
+            f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
+        trajectories.setdefault(s["task"], [
+            f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
+            f"LR factor (adabatch's) at the same |",
+            "|---|---|---|---|",
+        ]).append(f"| {s['policy']} | {_series(s['batch_size_at'], 'g')} | {_series(s['noise_scale_at'], '.3g')} | "
+                  f"{_series(s['lr_factor_at'], '.2f')} |")
+    return "\n\n".join(f"### {task}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(trajectories[task])
+                       for task, lines in sections.items())
+
+
+def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
+    """Quality against training CPU time (steadier than the wall time on a shared machine) and
+    the batch size against samples, for every policy and seed of ``task``."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["task"] == task]
+    colours = {policy: f"C{i % 10}" for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
+    figure, (quality_axis, batch_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labelled: set[str] = set()
+    for r in runs:
+        label = None if r["policy"] in labelled else r["policy"]
+        labelled.add(r["policy"])
+        curve = [Evaluation(*point) for point in r["curve"]]
+        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], color=colours[r["policy"]],
+                          label=label, alpha=0.7)
+        points = r["batch_sizes"] + [[r["samples"], r["batch_sizes"][-1][1]]]
+        batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", color=colours[r["policy"]],
+                        label=label, alpha=0.7)
+    final = [r["final_quality"] for r in runs if r["policy"] == "baseline"]
+    if final:  # around the baseline's final quality, where the policies part
+        target = statistics.mean(final)
+        quality_axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+        if runs[0]["metric"].startswith("accuracy"):
+            quality_axis.set_ylim(target - 3, min(100, target + 1))
+        else:
+            quality_axis.set_ylim(target * 0.95, target * 1.3)
+    quality_axis.set(xlabel="training CPU time (s), one thread", ylabel=runs[0]["metric"],
+                     title=f"{task}: held-out quality")
+    batch_axis.set(xlabel="samples seen", ylabel="batch size", title=f"{task}: batch size")
+    batch_axis.set_yscale("log", base=2)
+    batch_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    batch_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for axis in (quality_axis, batch_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

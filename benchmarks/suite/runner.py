@@ -1,0 +1,172 @@
+"""Run the suite: every chosen task under every policy, seed by seed, and report.
+
+Usage::
+
+    python3 -m benchmarks.suite [--task gpt ...] [--seeds 0 1 2] [--sweep] [--quick]
+                                [--threads 1] [--json] [--out benchmarks/results/suite.md]
+    python3 -m benchmarks.suite --report benchmarks/results/suite.jsonl [--out ...]
+
+Within a task the policies run back to back for each seed in turn (seed-major), so a change of
+the machine's load falls on all of them alike; torch runs one thread by default (with another
+process on a 2-core machine, two threads waiting for each other slow a run 3–4×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import TASKS
+from .policies import DEFAULT_POLICIES, Policy, policies
+from .report import markdown, plot, record, summarise
+from .task import Task
+from .training import Run, train
+
+__all__ = ["choose_policies", "main", "run_task"]
+
+
+def choose_policies(task: Task, sweep: bool, policy_names: Sequence[str] | None) -> list[Policy]:
+    """The policies of ``task`` named in ``policy_names`` and the baseline, or all if ``None``.
+
+    Raises:
+        ValueError: if a name is not one of the task's policies.
+    """
+    available = policies(task, sweep)
+    unknown = sorted(set(policy_names or ()) - {p.name for p in available})
+    if unknown:
+        raise ValueError(f"policy_names has {unknown}, which {task.name} does not run"
+                         f"{'' if sweep else ' without sweep'}; choose from {[p.name for p in available]}")
+    return [p for p in available if policy_names is None or p.name in policy_names or p.name == "baseline"]
+
+
+def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bool = False, num_workers: int = 0,
+             max_steps: int | None = None, policy_names: Sequence[str] | None = None,
+             on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+    """Train ``task`` under its policies for each seed, the baseline first, and return the records.
+
+    Args:
+        task (Task): what to train.
+        seeds (sequence of int): the seeds, outermost.
+        sweep (bool): add the sweep's policies. Default: ``False``.
+        quick (bool): the task's tiny data and epochs. Default: ``False``.
+        num_workers (int): DataLoader worker processes. Default: 0.
+        max_steps (int, optional): stop every run after this many optimizer steps. Default: none.
+        policy_names (sequence of str, optional): run only these (and the baseline). Default: all.
+        on_record (callable): called with each record as soon as it exists.
+    """
+    chosen = choose_policies(task, sweep, policy_names)
+    train_set, test_set = task.data(quick)
+    records = []
+    for seed in seeds:
+        baseline: Run | None = None
+        for policy in chosen:
+            run = train(task, policy, seed, train_set, test_set, epochs=task.epochs_for(quick),
+                        num_workers=num_workers, max_steps=max_steps)
+            baseline = baseline or run
+            records.append(record(run, baseline, task.metric))
+            on_record(records[-1])
+    return records
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    reached = r["time_to_baseline_quality"]
+    return (f"  {r['task']:16s} {r['policy']:14s} seed {r['seed']}: {r['metric']} {r['final_quality']:.4f} in "
+            f"{r['wall_s']:.1f} s, {r['steps']:,} steps, final batch {r['final_batch_size']}, baseline's quality "
+            f"{'never' if reached is None else f'at {reached:.1f} s'}")
+
+
+def write(records: list[dict[str, Any]], out: Path, header: str) -> None:
+    """Write the markdown report to ``out``, the records to ``out`` with ``.jsonl``, and one plot
+    per task (if matplotlib is installed) next to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sections = [header, markdown(summarise(records))]
+    if importlib.util.find_spec("matplotlib") is not None:
+        for task in dict.fromkeys(r["task"] for r in records):
+            image = out.with_name(f"{out.stem}-{task}.png")
+            plot(records, task, image)
+            sections.append(f"![{task}]({image.name})")
+    out.write_text("\n\n".join(sections) + "\n")
+
+
+def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The records in the JSON-lines files ``paths``, in order.
+
+    Raises:
+        SystemExit: naming the file and line that is not a record.
+    """
+    records = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"--report: {path} line {number} is not a JSON record (the .jsonl that --out "
+                                 f"writes is)") from None
+    return records
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.suite",
+                                     description="Batch-size policies side by side on a suite of small tasks.")
+    parser.add_argument("--task", nargs="+", choices=list(TASKS), default=list(TASKS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--policies", nargs="+", default=None,
+                        help=f"run only these and the baseline (default: {', '.join(DEFAULT_POLICIES)}, and the "
+                             f"sweep's with --sweep)")
+    parser.add_argument("--sweep", action="store_true", help="add fixed 16-512 (sqrt LR) and three more timetables")
+    parser.add_argument("--quick", action="store_true", help="tiny data, one epoch: a smoke test")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per (task, policy, seed)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write a markdown report here, the JSON lines next to it (.jsonl) and plots")
+    parser.add_argument("--report", type=Path, nargs="+", default=None,
+                        help="train nothing: report on the JSON lines of earlier runs")
+    args = parser.parse_args(argv)
+    for name in ("threads", "workers", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'workers' else 1}, got {value}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        records = read_records(args.report)
+        header = (f"{len(records)} runs read from {', '.join(p.name for p in args.report)}: "
+                  f"{sum(r['wall_s'] for r in records) / 60:.0f} min of training wall time, "
+                  f"{sum(r['cpu_s'] for r in records) / 60:.0f} min of CPU time.")
+    else:
+        torch.set_num_threads(args.threads)
+        begin = time.perf_counter()
+
+        def emit(r: dict[str, Any]) -> None:
+            print(json.dumps(r) if args.json else _progress_line(r), flush=True)
+
+        for name in args.task:  # before any training
+            try:
+                choose_policies(TASKS[name], args.sweep, args.policies)
+            except ValueError as error:
+                raise SystemExit(f"--policies: {error}") from None
+        records = []
+        for name in args.task:
+            records += run_task(TASKS[name], args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
+                                max_steps=args.max_steps, policy_names=args.policies, on_record=emit)
+        header = (f"`python3 -m benchmarks.suite {' '.join(sys.argv[1:] if argv is None else argv)}`: "
+                  f"{len(records)} runs, torch threads {args.threads}, {time.perf_counter() - begin:.0f} s in all.")
+    if not args.json:
+        print(markdown(summarise(records)))
+    if args.out is not None:
+        write(records, args.out, header)

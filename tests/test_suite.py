@@ -1,0 +1,182 @@
+"""The benchmark suite (``benchmarks/suite``): its judging of quality, its records, and a few
+steps of every task through the real loop (its numbers come from running it in full, not here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.suite import TASKS
+from benchmarks.suite.policies import policies
+from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
+from benchmarks.suite.report import markdown, record, summarise
+from benchmarks.suite.runner import main, run_task
+from benchmarks.suite.training import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS = Metric("bits/char", higher_is_better=False, tolerance=0.01)
+FIELDS = {"task": str, "policy": str, "seed": int, "metric": str, "final_quality": float, "wall_s": float, "cpu_s": float,
+          "steps": int, "samples": int, "baseline_quality": float, "final_batch_size": int,
+          "batch_sizes": list, "curve": list, "signals": list}
+OPTIONAL_FIELDS = {"time_to_baseline_quality": float, "cpu_to_baseline_quality": float, "steps_to_baseline_quality": int,
+                   "samples_to_baseline_quality": int}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def curve(*qualities: float) -> list[Evaluation]:
+    """One evaluation per second of wall time, half a second of CPU time and 10 steps."""
+    return [Evaluation(100 * (i + 1), float(i + 1), (i + 1) / 2, 10 * (i + 1), q) for i, q in enumerate(qualities)]
+
+
+@pytest.mark.parametrize("qualities, target, expected", [
+    ((90.0, 98.85, 98.91, 99.3), 99.0, 3.0),  # 98.91 is within 0.1 points of 99.0; 98.85 is not
+    ((90.0, 99.5, 98.0), 99.0, 2.0),  # the first time counts, whatever follows
+    ((90.0, 98.0, 98.89), 99.0, None),
+    ((97.0, 98.0), 98.0, 2.0),  # the baseline reaches its own final quality at its end at the latest
+])
+def test_accuracy_is_reached_within_a_tenth_of_a_point(qualities, target, expected):
+    reached = first_reaching(curve(*qualities), target, ACCURACY)
+    assert (None if reached is None else reached.wall_s) == expected
+
+
+@pytest.mark.parametrize("qualities, target, expected", [
+    ((3.0, 2.03, 2.019, 1.9), 2.0, 3.0),  # a loss within 1% of the target: at most 2.02
+    ((3.0, 2.1), 2.0, None),
+    ((-1.0, -2.0), -2.0, 2.0),  # a negative loss's 1% is above it
+])
+def test_a_loss_is_reached_within_one_percent(qualities, target, expected):
+    reached = first_reaching(curve(*qualities), target, LOSS)
+    assert (None if reached is None else reached.wall_s) == expected
+
+
+def test_a_negative_tolerance_is_refused():
+    with pytest.raises(ValueError, match="tolerance"):
+        Metric("accuracy %", higher_is_better=True, tolerance=-0.1)
+
+
+def test_records_time_the_baseline_quality_and_the_ratios_pair_seeds():
+    baseline = Run("t", "baseline", 0, curve(97.0, 98.95, 98.8, 99.0), [(0, 32)], [(400, math.nan, 1.0)])
+    faster = Run("t", "adaptive", 0, curve(98.0, 98.92, 99.2), [(0, 32), (150, 64)], [(300, 40.0, 1.3)])
+    ours, theirs = record(baseline, baseline, ACCURACY), record(faster, baseline, ACCURACY)
+    assert (ours["time_to_baseline_quality"], ours["cpu_to_baseline_quality"], ours["steps_to_baseline_quality"]) \
+        == (2.0, 1.0, 20)
+    assert (theirs["time_to_baseline_quality"], theirs["steps_to_baseline_quality"]) == (2.0, 20)
+    assert theirs["final_batch_size"] == 64 and ours["signals"] == [[400, None, 1.0]]
+    summary = {s["policy"]: s for s in summarise([ours, theirs])}
+    assert summary["adaptive"]["wall_ratio"] == summary["adaptive"]["cpu_ratio"] == pytest.approx(3 / 4)
+    assert summary["adaptive"]["quality_vs_baseline"] == pytest.approx(0.2)
+    assert summary["adaptive"]["time_to_baseline_quality_ratio"] == pytest.approx(2 / 4)
+    # at 0, 1/8, 1/4, 1/2, 3/4 and the end of its 300 samples
+    assert summary["adaptive"]["batch_size_at"] == [32, 32, 32, 64, 64, 64]
+    assert summary["adaptive"]["noise_scale_at"] == [None] * 5 + [40.0]
+    assert summary["baseline"]["noise_scale_at"] == [None] * 6
+    assert summary["adaptive"]["lr_factor_at"] == [None] * 5 + [1.3]
+    assert "| adaptive | 99.20 ± 0.00 | +0.20 | 3.0 | 0.75 | 0.75 | 30 | 0.75 | 1/1 seeds | 0.50 | 0.50 | 64 |" \
+        in markdown(summary.values())
+
+
+def check_record(r: dict, task: str) -> None:
+    assert r["task"] == task
+    for name, kind in FIELDS.items():
+        assert isinstance(r[name], kind), (name, r[name])
+    for name, kind in OPTIONAL_FIELDS.items():
+        assert r[name] is None or isinstance(r[name], kind), (name, r[name])
+    assert r["steps"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and math.isfinite(r["final_quality"])
+    assert r["curve"][-1][4] == r["final_quality"] and r["curve"][-1][3] == r["steps"]
+    assert r["batch_sizes"][0][0] == 0 and r["final_batch_size"] == r["batch_sizes"][-1][1]
+    assert json.loads(json.dumps(r, allow_nan=False)) == r
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_trains_a_few_steps_of_every_policy(task):
+    records = run_task(TASKS[task], [0], quick=True, max_steps=6, num_workers=2 if task == "mlp-sgd" else 0)
+    assert [r["policy"] for r in records] == ["baseline", "adaptive", "timetable"]
+    for r in records:
+        check_record(r, task)
+        assert r["steps"] == 6
+    assert records[0]["time_to_baseline_quality"] is not None  # the baseline reaches its own final quality
+    assert records[0]["final_batch_size"] == TASKS[task].baseline_batch_size
+    assert records[1]["final_batch_size"] == 32  # Adaptive()'s default start below 100,000 samples
+
+
+def test_evaluations_fall_every_quarter_epoch_and_are_not_timed():
+    def slow_evaluate(model, test_set):
+        time.sleep(0.2)
+        return TASKS["mlp-sgd"].evaluate(model, test_set)
+
+    task = dataclasses.replace(TASKS["mlp-sgd"], evaluate=slow_evaluate)
+    baseline = run_task(task, [0], quick=True, policy_names=[])[0]
+    interval = len(task.data(True)[0]) / 4
+    samples = [point[0] for point in baseline["curve"]]
+    assert len(samples) == 4
+    for quarter, seen in enumerate(samples, start=1):
+        assert quarter * interval <= seen < quarter * interval + 32
+    assert baseline["wall_s"] < 0.2 * len(samples) / 2
+
+
+def test_the_sweep_scales_the_learning_rate_by_the_square_root_of_the_batch():
+    names = [p.name for p in policies(TASKS["cnn-sgd"], sweep=True)]
+    assert names == ["baseline", "adaptive", "timetable", "fixed-16", "fixed-64", "fixed-128", "fixed-256",
+                     "fixed-512", "step-x2-late", "geometric", "doubling-sqrt"]
+    records = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2, policy_names=["fixed-128"])
+    factors = {r["policy"]: r["signals"][-1][2] for r in records}
+    assert factors == {"baseline": 1.0, "fixed-128": pytest.approx(2.0)}
+    assert [r["final_batch_size"] for r in records] == [32, 128]
+
+
+def run_suite(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks.suite", *args], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+
+
+def test_the_command_line_prints_json_lines_and_writes_the_report(tmp_path):
+    out = tmp_path / "suite.md"
+    completed = run_suite("--task", "regression-adam", "--quick", "--max-steps", "3", "--seeds", "0", "1", "--json",
+                          "--out", str(out))
+    assert completed.returncode == 0, completed.stderr
+    records = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [(r["policy"], r["seed"]) for r in records] == [(p, s) for s in (0, 1)
+                                                            for p in ("baseline", "adaptive", "timetable")]
+    for r in records:
+        check_record(r, "regression-adam")
+    assert [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()] == records
+    report = out.read_text()
+    assert "### regression-adam" in report and "| timetable |" in report
+    assert (tmp_path / "suite-regression-adam.png").stat().st_size > 0
+    again = run_suite("--report", str(out.with_suffix(".jsonl")))
+    assert again.returncode == 0, again.stderr
+    assert markdown(summarise(records)) in again.stdout
+
+
+def test_a_report_from_a_file_that_is_not_json_lines_names_it(tmp_path):
+    table = tmp_path / "suite.md"
+    table.write_text("| policy |\n")
+    with pytest.raises(SystemExit, match=f"--report: {table} line 1 is not a JSON record"):
+        main(["--report", str(table)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--task", "gpt", "--policies", "fixed-64"], "--policies: policy_names has ['fixed-64'], which gpt does not run "
+                                                  "without sweep; choose from ['baseline', 'adaptive', 'timetable']"),
+    (["--task", "imagenet"], "invalid choice: 'imagenet'"),
+])
+def test_bad_arguments_are_named(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert message in str(exit.value.code) + capsys.readouterr().err
