@@ -198,8 +198,8 @@ def test_resume_trains_the_same_remaining_batches_at_the_same_learning_rates(
 
 def adaptive_growth() -> AdaptiveBatchSize:
     """An Adaptive schedule quick to decide: after 2 noise measurements (one per 8 samples), every 2 steps."""
-    return AdaptiveBatchSize(schedules.Adaptive(start=8, warmup=2, interval=2, exponent=1.0, hysteresis=0.0),
-                             noise_interval=8, max_batch_size=64)
+    return AdaptiveBatchSize(schedules.Adaptive(start=8, warmup=2, interval=2, extra_samples=0.9, throughput=False,
+                                                hysteresis=0.0), noise_interval=8, max_batch_size=64)
 
 
 def test_an_adaptive_schedule_changes_the_size_within_an_epoch_and_each_epoch_still_ends_right() -> None:
@@ -351,6 +351,7 @@ def test_a_loader_given_to_fit_and_the_scheduler_options_passed_through() -> Non
                                                 collate_fn=collate_as_dict))
     sizes = [len(indices) for _, _, indices in model.batches]
     assert min(sizes) >= 8 and max(sizes) <= 48
+    assert callback.scheduler.schedule.start == 8 and sizes[0] == 8, "Adaptive() starts at the DataLoader's batch_size"
     assert callback.scheduler.noise_meter is not None and callback.scheduler.noise_meter.noise.steps > 0
     assert callback.scheduler.steps == run.global_step == len(sizes)
     scheduler, sampler = callback.scheduler, callback.sampler

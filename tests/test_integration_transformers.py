@@ -123,7 +123,7 @@ def test_a_resumed_run_trains_the_remaining_batches_at_the_same_learning_rates(
 def test_an_adaptive_schedule_resumes_with_its_decisions(tmp_path):
     # In epochs, the horizon of the Trainer's LR scheduler is planned at the size the batch has
     # when training starts: the resumed run must keep the first run's, not plan its own.
-    schedule = schedules.Adaptive(start=8, warmup=2, interval=2, exponent=1.0)
+    schedule = schedules.Adaptive(start=8, warmup=2, interval=2, extra_samples=0.9, throughput=False)
     full = worker.make_trainer(tmp_path / "full", schedule=schedule, noise_interval=8, save_strategy="steps",
                                save_steps=8)
     full.train()
@@ -134,6 +134,14 @@ def test_an_adaptive_schedule_resumes_with_its_decisions(tmp_path):
     assert [step["lr"] for step in resumed.steps] == [step["lr"] for step in full.steps[8:]]
     for mine, theirs in zip(resumed.model.parameters(), full.model.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_adaptive_without_a_start_starts_at_the_batch_the_arguments_ask_for(tmp_path):
+    trainer = worker.make_trainer(tmp_path, schedule=schedules.Adaptive(), max_steps=3, per_device_train_batch_size=4,
+                                  gradient_accumulation_steps=2)
+    trainer.train()
+    assert trainer.batch_size_scheduler.schedule.start == 8
+    assert sizes(trainer.steps) == [8, 8, 8], "4 per device, accumulated twice"
 
 
 def test_the_batch_grows_mid_epoch_in_order_and_drops_the_short_end(tmp_path):

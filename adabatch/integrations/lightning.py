@@ -38,7 +38,7 @@ from .._validation import check_choice, check_seed
 from ..layout import REMAINDER_POLICIES
 from ..sampler import AdaptiveBatchSampler
 from ..scheduler import BatchSizeScheduler
-from ..schedules import Schedule, ScheduleFn
+from ..schedules import Adaptive, Schedule, ScheduleFn
 
 __all__ = ["AdaptiveBatchSize"]
 
@@ -222,6 +222,10 @@ class AdaptiveBatchSize(Callback):
         seed = order.pop("seed")
         seed = seed if self.seed is None else self.seed
         if self.sampler is None:
+            if isinstance(self.scheduler.schedule, Adaptive):
+                # Without a start, Adaptive() starts at the batch the user's DataLoader asked for (per step).
+                self.scheduler.schedule.set_default_start(
+                    loader.batch_size * trainer.accumulate_grad_batches * trainer.world_size)
             self.sampler = AdaptiveBatchSampler(loader.dataset, self.scheduler, seed=seed, remainder=self.remainder,
                                                 **order)
             # An adaptive schedule or a memory cap decides sizes as the epoch goes: its length is unknown.

@@ -45,7 +45,7 @@ from transformers.utils import is_datasets_available
 from ..micro_batches import Batch, batch_length, split_batch
 from ..sampler import AdaptiveBatchSampler
 from ..scheduler import BatchSizeScheduler
-from ..schedules import Schedule, ScheduleFn
+from ..schedules import Adaptive, Schedule, ScheduleFn
 
 __all__ = ["AdaptiveBatchTrainer", "SCHEDULER_OPTIONS", "STATE_NAME"]
 
@@ -63,8 +63,9 @@ class AdaptiveBatchTrainer(Trainer):
     """A ``transformers.Trainer`` whose batch size follows an adabatch schedule.
 
     Every argument but ``schedule``, ``min_batch_size`` and the :data:`SCHEDULER_OPTIONS` is the
-    Trainer's own. ``per_device_train_batch_size`` is not used: the schedule gives the global
-    batch of each optimizer step (over all processes, accumulation included). ``max_steps``
+    Trainer's own. The schedule gives the global batch of each optimizer step (over all
+    processes, accumulation included); ``per_device_train_batch_size`` only gives ``Adaptive()``
+    its start when it has none (times the accumulation steps and the processes). ``max_steps``
     counts optimizer steps and ``num_train_epochs`` passes over the data, as in the Trainer.
     The shuffle seed is ``data_seed`` (or ``seed``); ``train_sampling_strategy="sequential"``
     turns shuffling off and ``dataloader_drop_last=True`` drops the end of each epoch that is
@@ -199,6 +200,10 @@ class AdaptiveBatchTrainer(Trainer):
             warnings.filterwarnings("ignore", message=".*already had its learning rate scaled", category=UserWarning)
             scheduler = self._new_scheduler(optimizer, self._tensorboard_writer())
         args = self.args
+        if isinstance(scheduler.schedule, Adaptive):
+            # Without a start, Adaptive() starts at the batch the arguments asked for (per optimizer step).
+            scheduler.schedule.set_default_start(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
         sampler = AdaptiveBatchSampler(
             dataset, scheduler, shuffle=args.train_sampling_strategy == "random",
             seed=args.seed if args.data_seed is None else args.data_seed,

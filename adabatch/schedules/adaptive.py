@@ -126,6 +126,12 @@ class Adaptive(Schedule):
         self._kept = 0.0  # the largest size timed and found to pay (the floor when monotone)
         self._reference_noise: float | None = None  # the noise scale taken as B_0's, under Adam
 
+    def set_default_start(self, batch_size: int) -> None:
+        """Start at ``batch_size`` unless a ``start`` was given: the trainer integrations pass
+        the batch the user's DataLoader or arguments asked for."""
+        if self.start is None:
+            self.start = check_positive_int("start", batch_size)
+
     def initial_size(self, progress: Progress) -> float:
         """``start`` (default :data:`DEFAULT_START`): the size before the first decision."""
         return float(self.start if self.start is not None else DEFAULT_START)
