@@ -5,7 +5,8 @@ Each idea lives in its own module: :mod:`~adabatch.plan` (which batch follows wh
 and progress), :mod:`~adabatch.lr_scaling` (the factor and its optimizer hook),
 :mod:`~adabatch.training_step` (micro-batches and out-of-memory retry), :mod:`~adabatch.noise`
 (the noise scale and which steps measure it), :mod:`~adabatch.distributed` (what the ranks
-agree on), :mod:`~adabatch.memory` (the memory cap) and :mod:`~adabatch.loggers` (TensorBoard).
+agree on), :mod:`~adabatch.memory` (the memory cap), :mod:`~adabatch.throughput` (step times)
+and :mod:`~adabatch.loggers` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -257,9 +258,7 @@ class BatchSizeScheduler:
     def get_last_lr(self) -> list[float]:
         """Effective learning rate of each parameter group in the last counted step (before
         the first: the current learning rates times :attr:`lr_factor`)."""
-        if self._last_lrs is not None:
-            return list(self._last_lrs)
-        return self._coming_lrs()
+        return list(self._last_lrs) if self._last_lrs is not None else self._coming_lrs()
 
     def _coming_lrs(self) -> list[float]:
         factor = self.lr_factor
