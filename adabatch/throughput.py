@@ -64,8 +64,8 @@ class StepTimes:
 
     def _summarise(self, agree: Callable[[list[float]], list[float]] | None) -> None:
         # The sizes in a window are the same on every rank (the ranks train the same global
-        # batches), so the ranks' lists line up; a rank that timed no step of a size (its first
-        # step after a pause) adds nothing to the mean.
+        # batches), so the ranks' lists line up; a rank that timed no step of a size (the first
+        # step of a run) adds nothing to the mean.
         sizes = sorted(self._pending)
         sums = [statistics.median(times) if times else 0.0 for times in map(self._pending.get, sizes)]
         counts = [1.0 if self._pending[size] else 0.0 for size in sizes]
