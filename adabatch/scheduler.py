@@ -47,7 +47,8 @@ class BatchSizeScheduler:
     Every parameter group's learning rate is multiplied by :attr:`lr_factor` for the duration
     of each ``optimizer.step()`` and restored right after, so a ``torch.optim.lr_scheduler`` on
     the same optimizer keeps working: the effective learning rate is its learning rate times
-    the factor (see :mod:`adabatch.lr_scaling`).
+    the factor (see :mod:`adabatch.lr_scaling`). The factor follows the scheduled (target) size,
+    so the balanced batches that end an epoch, a little smaller, keep the target's factor.
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
@@ -241,9 +242,7 @@ class BatchSizeScheduler:
     @property
     def epoch(self) -> float:
         """Epochs passed, as a float; ``nan`` while the dataset size is unknown."""
-        if self.dataset_size is None:
-            return math.nan
-        return self.plan.position / self.dataset_size
+        return math.nan if self.dataset_size is None else self.plan.position / self.dataset_size
 
     def skip_to(self, position: int) -> None:
         """Move the trained position forward to ``position`` without training, as when the
