@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
-from adabatch.testing import FakeMemory
+from adabatch.testing import FakeClock, FakeMemory
 
 DATASET_SIZE = 512
 
@@ -54,6 +54,12 @@ def main(scenario: str, out_dir: str) -> None:
     # Every other step measured (at global batch 32): the ranks must agree on which.
     scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=8, lr_scaling="linear", memory=memory,
                                    accumulate=scenario == "oom", noise_interval=64)
+    if scenario == "agree":
+        # Step times from a simulated clock, so the decisions do not hang on this machine's load.
+        # Rank 1's device is slower: the times the controller weighs are agreed across the ranks.
+        clock = FakeClock(fixed=0.01 * (1 + rank), per_sample=1e-5 * (1 + rank))
+        clock.attach(net)
+        scheduler.step_times.clock = clock
     sampler = AdaptiveBatchSampler(data, scheduler, seed=0)
     effective: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, *_: effective.append(opt.param_groups[0]["lr"]))

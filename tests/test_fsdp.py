@@ -133,8 +133,8 @@ def small_run(model: nn.Module) -> tuple[BatchSizeScheduler, AdaptiveBatchSample
     x = torch.randn(256, 8, generator=generator)
     data = TensorDataset(x, (x[:, 0] > 0).long())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=32, warmup=2, interval=2), min_batch_size=8,
-                                   memory=None, noise_interval=64)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=32, warmup=2, interval=2, throughput=False),
+                                   min_batch_size=8, memory=None, noise_interval=64)
     return scheduler, AdaptiveBatchSampler(data, scheduler, seed=0), data
 
 
