@@ -22,10 +22,9 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def record(run: Run, baseline: Run, metric: Metric) -> dict[str, Any]:
-    """The JSON record of ``run``, judged against the final quality of ``baseline`` (the same
-    task and seed; ``run`` itself for the baseline)."""
-    target = baseline.final.quality
+def record(run: Run, target: float, metric: Metric) -> dict[str, Any]:
+    """The JSON record of ``run``, judged against ``target``: the final quality of the baseline
+    of the same task and seed (the run's own, for the baseline)."""
     reached = first_reaching(run.curve, target, metric)
     return {
         "task": run.task,
