@@ -4,8 +4,8 @@ that checks every key and value first and restores nothing from a state it refus
 Each part of the scheduler keeps its own numbers (the plan of batches and the progress
 counters, the learning-rate warm-up, the memory cap, the noise statistics and the kept
 gradient, the schedule's decisions); the state is their union, flat for the counters and
-nested under a key for the others, in the format checkpoints have always had. A key added
-since (``noise_pair``) may be missing from an older checkpoint.
+nested under a key for the others, in the format checkpoints have always had. Keys added
+since (``noise_pair``, ``step_times``) may be missing from an older checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ._validation import is_integer
 from .lr_scaling import LRFactor
 from .plan import BatchPlan
 from .schedules import Lambda, Progress
+from .throughput import StepTimes
 
 if TYPE_CHECKING:
     from .scheduler import BatchSizeScheduler
@@ -27,6 +28,7 @@ MEMORY = "memory"
 NOISE = "noise"
 NOISE_PAIR = "noise_pair"
 SCHEDULE = "schedule"
+STEP_TIMES = "step_times"
 REQUIRED = (*BatchPlan.COUNTERS, BatchPlan.PLAN, LRFactor.WARMUP_FROM, LRFactor.WARMUP_BEGIN, DATASET_SIZE, MEMORY,
             NOISE, SCHEDULE)
 
@@ -42,6 +44,7 @@ def state_dict(scheduler: BatchSizeScheduler) -> dict[str, Any]:
         NOISE: None if meter is None else meter.noise.state_dict(),
         NOISE_PAIR: None if meter is None else meter.pairing_state(),
         SCHEDULE: scheduler.schedule.state_dict(),
+        STEP_TIMES: None if scheduler.step_times is None else scheduler.step_times.state_dict(),
     }
 
 
@@ -85,6 +88,9 @@ def _load(scheduler: BatchSizeScheduler, state: Mapping[str, Any],
         meter.load_pairing_state(state.get(NOISE_PAIR))
     if state[SCHEDULE] is not None:  # None: a timetable's, saved before schedules kept state
         scheduler.schedule.load_state_dict(state[SCHEDULE])
+    if scheduler.step_times is not None:
+        step_times = state.get(STEP_TIMES)
+        scheduler.step_times.load_state_dict(step_times if step_times is not None else {StepTimes.TABLE: []})
     scheduler.memory.load_state_dict(state[MEMORY])
     scheduler.constraints.set_memory_cap(scheduler.memory.cap)
 

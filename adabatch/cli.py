@@ -2,7 +2,8 @@
 
 ``adabatch demo`` (also ``python -m adabatch demo``) trains a small model under a growing batch
 size; see :mod:`adabatch.demo`. ``adabatch probe`` measures the largest micro-batch the demo's
-model trains in the accelerator's memory; see :mod:`adabatch.probe_cli`. A new subcommand adds a
+model trains in the accelerator's memory; see :mod:`adabatch.probe_cli`. ``adabatch plot`` draws
+the curves a run wrote to TensorBoard into one image; see :mod:`adabatch.plot`. A new subcommand adds a
 parser in :func:`build_parser` and a handler that returns the exit status.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -24,9 +26,13 @@ from .demo import (
     run_demo,
 )
 from .memory import DEFAULT_SAFETY_MARGIN, BatchSizeFloorError
+from .plot import QUANTITIES, plot_runs, read_runs
 from .probe_cli import ProbeConfig, format_report, run_probe
 
 __all__ = ["build_parser", "main"]
+
+#: The image ``adabatch plot`` writes into the (first) run folder unless told otherwise.
+DEFAULT_PLOT_NAME = "adabatch.png"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -149,6 +155,45 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_probe)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    output = args.output if args.output is not None else os.path.join(args.run_dirs[0], DEFAULT_PLOT_NAME)
+    try:
+        runs = read_runs(args.run_dirs)
+        drawn = plot_runs(runs, output, dpi=args.dpi)
+    except ValueError as error:  # a folder without curves (NoCurvesError), a bad -o or --dpi
+        print(f"adabatch plot: error: {error}", file=sys.stderr)
+        return 2
+    except (MissingExtrasError, OSError) as error:
+        print(f"adabatch plot: error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''}: {', '.join(run.label for run in runs)})")
+    not_drawn = [quantity.title for quantity in QUANTITIES if quantity.title not in drawn]
+    if not_drawn:
+        print(f"not logged by any run, so not drawn: {', '.join(not_drawn)}")
+    return 0
+
+
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw a run's batch size, learning rate, noise scale and memory cap from its TensorBoard files",
+        description=(
+            "Read the curves adabatch wrote to TensorBoard in each RUN_DIR (and in every subfolder holding event "
+            "files: each is a run, labelled by its folder) and draw the batch size, the effective learning rate, "
+            "the gradient noise scale and the memory cap of every run, against samples seen and against "
+            "optimizer steps, into one image. Quantities no run logged are left out. Needs matplotlib: "
+            "pip install \"adabatch[plot]\"."
+        ),
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run's TensorBoard folder, or a folder of runs")
+    parser.add_argument("-o", "--output", default=None, metavar="FILE",
+                        help=f"the image; its suffix gives the format (default: RUN_DIR/{DEFAULT_PLOT_NAME}, "
+                             f"the first RUN_DIR's)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: %(default)s)")
+    parser.set_defaults(handler=_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``adabatch`` parser, with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
@@ -158,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo(subparsers)
     _add_probe(subparsers)
+    _add_plot(subparsers)
     return parser
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "format_summary",
     "make_mnist1d",
     "run_demo",
+    "shard_model",
 ]
 
 #: Seed of the generated dataset: mnist1d's own default, so the split is the usual one.
@@ -71,7 +72,7 @@ LOG_EVERY = 10
 
 
 class MissingExtrasError(ImportError):
-    """Raised when the optional packages the demo needs are not installed."""
+    """Raised when the optional packages a command needs (the `demo` or `plot` extra) are not installed."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,21 @@ def build_model(num_classes: int = 10) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(32 * 10, num_classes),
     )
+
+
+def shard_model(model: nn.Sequential) -> nn.Sequential:
+    """The demo's CNN under FSDP2: each convolution block (convolution, BatchNorm, ReLU) and the
+    classifier (flatten, linear) ``fully_shard``-ed as one unit each, then the whole model.
+
+    Needs an initialised process group; returns ``model`` itself, which ``fully_shard`` changes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = list(model.children())
+    for first in range(0, len(layers), 3):
+        fully_shard(layers[first:first + 3])
+    fully_shard(model)
+    return model
 
 
 def build_training(

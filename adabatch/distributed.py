@@ -1,4 +1,5 @@
-"""The glue to torch.distributed: the only module that touches it.
+"""The glue to torch.distributed: the only module that touches it (with :mod:`adabatch.fsdp`,
+the glue to sharded models).
 
 Every rank must train on its share of the same global batch, change size at the same step and
 take the same memory and out-of-memory decisions; one rank deciding alone deadlocks the next
@@ -138,6 +139,17 @@ class RankAgreement:
             return cap
         agreed = self.collective.min(self.NO_CAP if cap is None else cap)
         return None if agreed == self.NO_CAP else agreed
+
+    def apply_memory_cap(self, memory: Any, constraints: Any) -> int | None:
+        """Set the agreed :meth:`memory_cap` on ``constraints`` (a
+        :class:`~adabatch.BatchSizeConstraints`), so every rank caps its batches alike; returns it."""
+        cap = self.memory_cap(memory)
+        constraints.set_memory_cap(cap)
+        return cap
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks."""
+        return list(values) if self.collective is None else self.collective.sum(values)
 
     def largest(self, value: int) -> int:
         """The largest ``value`` over the ranks (an out-of-memory flag: the size that failed)."""

@@ -9,6 +9,7 @@ object counts what was trained: the stream position, the samples seen and the op
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 from ._validation import is_integer
@@ -52,6 +53,7 @@ class BatchPlan:
         self.steps = 0
         self.tracking = False  # whether a step or a loaded state has given a trained position
         self._drawn: dict[int, PlannedBatch] = {}  # position -> the batch drawn there
+        self._warned_mismatch = False
 
     @property
     def num_replicas(self) -> int:
@@ -99,8 +101,21 @@ class BatchPlan:
             return PlannedBatch(position, target, target)
         return PlannedBatch(*self.layout.next_batch(position, self.target_at))
 
-    def advance(self, start: int, consumed: int) -> None:
-        """Count a trained batch of ``consumed`` samples (global) that began at ``start``."""
+    def advance(self, start: int, consumed: int, planned: int | None = None) -> None:
+        """Count a trained batch of ``consumed`` samples (global) that began at ``start``.
+
+        If a sampler cut the batch as ``planned`` samples and the count differs, progress
+        follows the count, with a warning (once): the loop miscounts or skips batches.
+        """
+        if planned is not None and consumed != planned and self.layout is not None and not self._warned_mismatch:
+            self._warned_mismatch = True
+            warnings.warn(
+                f"scheduler.step() was told {consumed} samples (global) but the sampler planned {planned} "
+                f"for this step; progress follows the count given. Call step() once per batch from the "
+                f"AdaptiveBatchSampler, with len(x) (this warning is shown once)",
+                UserWarning,
+                stacklevel=4,  # the user's call of scheduler.step()
+            )
         self.position = start + consumed
         self._drawn = {p: batch for p, batch in self._drawn.items() if p >= self.position}
         self.samples_seen += consumed

@@ -11,7 +11,7 @@ agree on), :mod:`~adabatch.memory` (the memory cap) and :mod:`~adabatch.loggers`
 from __future__ import annotations
 
 import math
-import warnings
+from operator import attrgetter
 from typing import Any, Callable, Mapping
 
 import torch
@@ -25,9 +25,10 @@ from . import checkpoint
 from .lr_scaling import LRFactor, LRFactorHook, LRScaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling
+from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling, is_adam_family
 from .plan import BatchPlan, PlannedBatch
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
+from .throughput import StepTimes
 from .training_step import StepOutcome, TrainingStep
 
 __all__ = ["BatchSizeScheduler"]
@@ -37,20 +38,15 @@ class BatchSizeScheduler:
     """Grows the batch size during training and scales the learning rate with it.
 
     The scheduler is the single source of the batch size: :class:`~adabatch.AdaptiveBatchSampler`
-    asks it what size each batch should have, and the training loop tells it, through
-    :meth:`step`, how many samples each optimizer step consumed. A timetable's sizes are a
-    function of the position in the data stream (samples passed), so a batch drawn ahead of
-    training by DataLoader workers gets the same size it would get if drawn just in time; what
-    changes during training (an adaptive schedule's decisions, the memory cap) is recorded
-    with each batch as it is drawn (:meth:`draw`), so the loop, the learning-rate factor and a
-    resumed run all see the size the batch was drawn with.
+    asks it what size each batch should have (:meth:`draw`), and the loop tells it, through
+    :meth:`step`, how many samples each optimizer step consumed. Each batch is recorded as it is
+    drawn (:mod:`adabatch.plan`), so a batch prefetched by DataLoader workers, the learning-rate
+    factor and a resumed run all see the size it was drawn with.
 
-    The learning rate of every parameter group is multiplied by :attr:`lr_factor` for the
-    duration of each ``optimizer.step()`` and restored right after, so any
-    ``torch.optim.lr_scheduler`` attached to the same optimizer keeps working: it never sees
-    the factor, and the effective learning rate is its learning rate times the factor. The
-    factor follows the scheduled (target) batch size: the one or two balanced batches that end
-    an epoch, a little smaller than the target, keep the target's factor.
+    Every parameter group's learning rate is multiplied by :attr:`lr_factor` for the duration
+    of each ``optimizer.step()`` and restored right after, so a ``torch.optim.lr_scheduler`` on
+    the same optimizer keeps working: the effective learning rate is its learning rate times
+    the factor (see :mod:`adabatch.lr_scaling`).
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
@@ -156,35 +152,22 @@ class BatchSizeScheduler:
         self.lr = LRFactor(lr_scaling, optimizer, self.schedule, self.constraints, self.noise_meter,
                            reference_batch_size=reference_batch_size, warmup_steps=warmup_steps)
         self.noise_sampling = NoiseSampling(noise_interval)
+        # What an adaptive schedule weighs the noise against: the time a step takes at each size.
+        self.step_times = StepTimes() if self.schedule.needs_noise else None
         self.agreement = RankAgreement(collective)
         self.plan = BatchPlan(self.target_at)
         self._training_step = TrainingStep(optimizer, self.constraints, self.memory, self.agreement,
                                            self.noise_meter, self.noise_sampling)
         self._last_lrs: list[float] | None = None
-        self._warned_mismatch = False
         self._hook = LRFactorHook(optimizer, self._hook_factor)
 
     # ----------------------------------------------------------------- binding
-    @property
-    def dataset_size(self) -> int | None:
-        return self.constraints.dataset_size
-
-    @property
-    def num_replicas(self) -> int:
-        return self.constraints.num_replicas
-
-    @property
-    def lr_scaling(self) -> LRScaling:
-        return self.lr.lr_scaling
-
-    @property
-    def collective(self) -> Collective | None:
-        return self.agreement.collective
-
-    @property
-    def layout(self) -> EpochLayout | None:
-        """How the bound dataset's epochs are cut into batches (``None`` before a sampler binds)."""
-        return self.plan.layout
+    dataset_size = property(attrgetter("constraints.dataset_size"), doc="Samples per epoch (``None`` until known).")
+    num_replicas = property(attrgetter("constraints.num_replicas"), doc="Replicas each global batch is split over.")
+    lr_scaling = property(attrgetter("lr.lr_scaling"), doc="The rule the learning-rate factor follows.")
+    collective = property(attrgetter("agreement.collective"), doc="How the ranks agree (``None`` on one process).")
+    layout = property(attrgetter("plan.layout"),
+                      doc="How the bound dataset's epochs are cut into batches (``None`` before a sampler binds).")
 
     def bind(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance") -> EpochLayout:
         """Learn the dataset and how it is cut into batches; called by :class:`~adabatch.AdaptiveBatchSampler`.
@@ -205,6 +188,8 @@ class BatchSizeScheduler:
                 raise ValueError(f"{name} is {expected}, but the sampler's dataset has {dataset_size} samples")
         self.constraints.bind(dataset_size, num_replicas)
         self.agreement.bind(num_replicas)
+        if self.noise_meter is not None:
+            self.noise_sampling.prepare(self.noise_meter, self.agreement.distributed)
         if remainder == "balance":
             self.constraints.check_balance_fits()
         self.lr.forget_reference()
@@ -230,19 +215,15 @@ class BatchSizeScheduler:
         """Global size of the coming batch."""
         return self.plan.batch_at(self.plan.position).size
 
-    @property
-    def reference_batch_size(self) -> int:
-        """The batch size at which the learning-rate factor is 1."""
-        return self.lr.reference_batch_size
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.lr.warmup_steps
+    reference_batch_size = property(attrgetter("lr.reference_batch_size"),
+                                    doc="The batch size at which the learning-rate factor is 1.")
+    warmup_steps = property(attrgetter("lr.warmup_steps"),
+                            doc="Steps over which the factor moves after a change of batch size.")
 
     @property
     def lr_factor(self) -> float:
         """The factor the coming optimizer step multiplies every learning rate by."""
-        return self.lr(self.plan.batch_at(self.plan.position).target, self.plan.steps)
+        return self._hook_factor()[0]
 
     def _hook_factor(self) -> tuple[float, tuple[int, PlannedBatch]]:
         """:attr:`lr_factor`, with the batch it was computed for, which :meth:`step` then
@@ -252,20 +233,9 @@ class BatchSizeScheduler:
         return self.lr(batch.target, self.plan.steps), (position, batch)
 
     # ---------------------------------------------------------------- progress
-    @property
-    def samples_seen(self) -> int:
-        """Samples trained on so far (global)."""
-        return self.plan.samples_seen
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps counted by :meth:`step`."""
-        return self.plan.steps
-
-    @property
-    def position(self) -> int:
-        """Stream position after the last trained batch."""
-        return self.plan.position
+    samples_seen = property(attrgetter("plan.samples_seen"), doc="Samples trained on so far (global).")
+    steps = property(attrgetter("plan.steps"), doc="Optimizer steps counted by :meth:`step`.")
+    position = property(attrgetter("plan.position"), doc="Stream position after the last trained batch.")
 
     @property
     def epoch(self) -> float:
@@ -319,34 +289,28 @@ class BatchSizeScheduler:
         else:
             batch = self.plan.batch_at(position)
         consumed = batch.size if batch_size is None else batch_size * self.num_replicas
-        if consumed != batch.size and self.layout is not None and not self._warned_mismatch:
-            self._warned_mismatch = True
-            warnings.warn(
-                f"scheduler.step() was told {consumed} samples (global) but the sampler planned {batch.size} "
-                f"for this step; progress follows the count given. Call step() once per batch from the "
-                f"AdaptiveBatchSampler, with len(x) (this warning is shown once)",
-                UserWarning,
-                stacklevel=3,
-            )
-        factor_used = self.lr_factor if applied is None else applied.factor
-        lrs = self._coming_lrs() if applied is None else applied.effective_lrs
-        self._last_lrs = lrs
-        self.plan.advance(batch.start, consumed)
+        factor_used, self._last_lrs = ((self.lr_factor, self._coming_lrs()) if applied is None
+                                       else (applied.factor, applied.effective_lrs))
+        self.plan.advance(batch.start, consumed, planned=batch.size)
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
-        self.constraints.set_memory_cap(self.agreement.memory_cap(self.memory))
+        self.agreement.apply_memory_cap(self.memory, self.constraints)
+        if self.step_times is not None:
+            self.step_times.tick(batch.target, self.agreement.sum if self.agreement.distributed else None)
         if self.noise_meter is not None:
             if outcome is None or not outcome.noise_handled:
-                self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed)
-        if self.noise_meter is not None and self.schedule.needs_noise:
-            noise = self.noise_meter.noise
-            self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
-                                  noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest())
+                self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed,
+                                                      self.agreement.distributed)
+            if self.schedule.needs_noise:
+                noise = self.noise_meter.noise
+                self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
+                                      noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest(),
+                                      step_times=self.step_times, preconditioned=is_adam_family(self.optimizer))
         if self.lr.warmup_steps:
             self.lr.after_step(batch.target, self.plan.batch_at(self.plan.position).target, factor_used,
                                self.plan.steps)
         if self.logger is not None:
-            self._log(batch, consumed, factor_used, lrs)
+            self._log(batch, consumed, factor_used, self._last_lrs)
 
     def _log(self, batch: PlannedBatch, consumed: int, factor_used: float, lrs: list[float]) -> None:
         values = {"batch_size": consumed, "target_batch_size": batch.target, "lr_factor": factor_used}
@@ -362,29 +326,22 @@ class BatchSizeScheduler:
         peak_bytes}``, e.g. :attr:`ProbeResult.peaks <adabatch.memory.ProbeResult>`), so that
         the first batches drawn are already capped; returns the cap."""
         self.memory.add_measurements(dict(peaks))
-        cap = self.agreement.memory_cap(self.memory)
-        self.constraints.set_memory_cap(cap)
-        return cap
+        return self.agreement.apply_memory_cap(self.memory, self.constraints)
 
     # -------------------------------------------------------------- train_step
     def train_step(
         self, batch: Batch, loss_fn: Callable[[Batch], torch.Tensor], *, scaler: Any = None,
-        no_sync: Callable[[], Any] | None = None,
+        no_sync: Callable[[], Any] | None = None, model: Any = None,
     ) -> torch.Tensor:
         """Train one batch: forward and backward in micro-batches, ``optimizer.step()``,
         ``zero_grad()`` and :meth:`step`.
 
-        The batch is split into as few micro-batches as the memory cap allows
-        (:meth:`BatchSizeConstraints.micro_batch_sizes`), none below ``min_batch_size``. Each
-        micro-batch's loss is weighted by its share of the batch before ``backward()``, so the
-        accumulated gradient equals the full batch's mean gradient even for unequal
-        micro-batches. BatchNorm layers in training mode see each micro-batch's own statistics
-        (ghost batch norm, Hoffer et al. 2017), which is why micro-batches keep to the floor.
-
-        If a micro-batch runs out of memory, what the attempt held is freed, the memory cap is
-        lowered and the SAME batch is tried again in smaller micro-batches: the optimizer steps
-        once per batch and no sample is skipped or counted twice (see
-        :class:`~adabatch.training_step.TrainingStep`). Other errors propagate untouched.
+        The batch is split into as few micro-batches as the memory cap allows, none below
+        ``min_batch_size``, each loss weighted by its share so the accumulated gradient is the
+        batch's mean gradient (BatchNorm sees each micro-batch's own statistics: ghost batch
+        norm, Hoffer et al. 2017). After an out-of-memory error the cap is lowered and the SAME
+        batch is tried again in smaller micro-batches: the optimizer steps once per batch and
+        no sample is skipped or counted twice (see :class:`~adabatch.training_step.TrainingStep`).
 
         Args:
             batch: what the DataLoader yields: a tensor, or tuples, lists, named tuples and
@@ -398,6 +355,11 @@ class BatchSizeScheduler:
                 finished (or ran out of memory, so all retry together) train_step averages the
                 gradients itself. Without it a rank out of memory in its forward pass would
                 leave the others waiting in backward. Default: none.
+            model (DistributedDataParallel or FSDPModule, optional): the wrapped model whose
+                gradient synchronisation the step takes over: a ``DistributedDataParallel``
+                model stands for ``no_sync=model.no_sync``; an FSDP2 root module (the module
+                ``fully_shard`` was applied to last) is required when the optimizer's
+                parameters are sharded (see docs/distributed.md). Default: none.
 
         Returns:
             the batch's mean loss (detached, on the loss's device).
@@ -411,17 +373,11 @@ class BatchSizeScheduler:
             >>> for x, y in loader:
             ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
         """
-        if no_sync is not None and self.collective is None and self.num_replicas > 1:
-            raise RuntimeError(
-                f"train_step(no_sync=...) across {self.num_replicas} replicas needs a collective to average the "
-                f"gradients, and this scheduler has none: initialise the torch.distributed process group before "
-                f"building the AdaptiveBatchSampler, or pass collective= to BatchSizeScheduler"
-            )
         batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
         measure = self.noise_meter is not None and self.noise_sampling.due(
             self.plan.position, batch_size * self.num_replicas)
         return self._training_step.run(batch, batch_size, loss_fn, scaler=scaler, no_sync=no_sync, measure=measure,
-                                       count=lambda outcome: self._count(outcome.batch_size, outcome))
+                                       count=lambda outcome: self._count(outcome.batch_size, outcome), model=model)
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

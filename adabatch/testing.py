@@ -1,4 +1,4 @@
-"""Simulated memory devices that users may import for their own tests.
+"""Simulated memory devices and step clocks that users may import for their own tests.
 
 :class:`FakeMemory` stands in for an accelerator's memory on a machine without one: a real
 model trains on the CPU, the device counts each micro-batch's bytes (``fixed + per_sample * b``)
@@ -6,6 +6,11 @@ and raises the same ``torch.OutOfMemoryError`` that CUDA raises when they exceed
 :class:`~adabatch.BatchSizeScheduler` and :func:`~adabatch.memory.probe_memory` run through the
 same code path as on a GPU. :class:`CurvedFakeMemory` adds a term that grows with the square of
 the batch, where a line fitted to small batches underestimates large ones.
+
+:class:`FakeClock` stands in for the wall clock the scheduler times its steps with: a forward
+pass of ``b`` samples takes ``fixed + per_sample * b`` simulated seconds, so an adaptive schedule
+weighs the same step times in every run, and a resumed run takes the decisions of one that never
+stopped.
 
 Example:
     >>> memory = FakeMemory(capacity=10**9, fixed=10**8, per_sample=10**6)
@@ -20,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ._validation import check_non_negative_int, check_positive_int
+from ._validation import check_non_negative_int, check_non_negative_number, check_positive_int
 from .memory.devices import MemoryDevice, OutOfMemoryError
 
-__all__ = ["CurvedFakeMemory", "FakeMemory"]
+__all__ = ["CurvedFakeMemory", "FakeClock", "FakeMemory"]
 
 
 class FakeMemory(MemoryDevice):
@@ -131,3 +136,44 @@ class CurvedFakeMemory(FakeMemory):
     def __repr__(self) -> str:
         return (f"CurvedFakeMemory(capacity={self.capacity}, fixed={self.fixed}, per_sample={self.per_sample}, "
                 f"per_sample_squared={self.per_sample_squared})")
+
+
+class FakeClock:
+    """A simulated clock on which a forward pass of ``b`` samples takes ``fixed + per_sample * b`` seconds.
+
+    Set it as the scheduler's step clock (``scheduler.step_times.clock = clock``) and attach it
+    to the model (:meth:`attach`); :meth:`advance` moves it by hand.
+
+    Args:
+        fixed (float): seconds each forward pass takes whatever its size. Default: 0.
+        per_sample (float): seconds each sample adds. Default: 0.
+
+    Example:
+        >>> clock = FakeClock(fixed=0.002, per_sample=0.0001)
+        >>> clock.attach(model)
+        >>> scheduler.step_times.clock = clock
+    """
+
+    def __init__(self, fixed: float = 0.0, per_sample: float = 0.0) -> None:
+        self.fixed = check_non_negative_number("fixed", fixed)
+        self.per_sample = check_non_negative_number("per_sample", per_sample)
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass."""
+        self.now += check_non_negative_number("seconds", seconds)
+
+    def attach(self, module: torch.nn.Module) -> Any:
+        """Advance by a forward pass's time at every forward pass of ``module``.
+
+        Returns:
+            the hook's handle (``handle.remove()`` detaches it).
+        """
+        return module.register_forward_pre_hook(
+            lambda _, inputs: self.advance(self.fixed + self.per_sample * len(inputs[0])))
+
+    def __repr__(self) -> str:
+        return f"FakeClock(fixed={self.fixed}, per_sample={self.per_sample}, now={self.now})"

@@ -32,11 +32,13 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,9 +63,44 @@ LAUNCH = "python3 -m torch.distributed.run --standalone --nproc-per-node 2 scrip
 DEFAULT_THREADS = 1
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass
+class Wrapped:
+    """The model as the ranks train it."""
+
+    #: What the loss function calls (``fully_shard`` changes the model itself: it is the model).
+    module: nn.Module
+    #: What ``train_step`` is told of it.
+    step_options: dict[str, Any] = field(default_factory=dict)
+    #: Whether the model's forward pass is a collective (FSDP gathers the parameters in it):
+    #: every rank then evaluates, not rank 0 alone.
+    collective_forward: bool = False
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> Wrapped:
+    """``DistributedDataParallel``, whose all-reduce ``train_step`` replaces (``no_sync``)."""
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Wrapped(ddp, {"no_sync": ddp.no_sync})
+
+
+@dataclass
+class Launcher:
+    """What a script of this recipe says of itself."""
+
+    wrap: Callable[[nn.Module, torch.device], Wrapped]
+    launch: str
+    description: str
+    name: str  # in the default log directory's name
+    summary: str  # after the demo's summary: how the ranks share the work, formatted with world_size
+
+
+DDP = Launcher(wrap_ddp, LAUNCH, __doc__.split("\n")[0], "ddp",
+               "data parallel   {world_size} processes ({backend}, {threads} thread(s) each), each training "
+               "1/{world_size} of every batch")
+
+
+def parse_args(argv: Sequence[str] | None = None, launcher: Launcher = DDP) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog=f"Launch one process per rank: {LAUNCH}"
+        description=launcher.description, epilog=f"Launch one process per rank: {launcher.launch}"
     )
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs to train (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
@@ -71,13 +108,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the model initialisation and the shuffle (default: %(default)s)")
     parser.add_argument("--logdir", default=None,
-                        help="TensorBoard directory, written by rank 0 only (default: runs/ddp-<date>-<time>)")
+                        help=f"TensorBoard directory, written by rank 0 only "
+                             f"(default: runs/{launcher.name}-<date>-<time>)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch threads per process (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="rank 0 prints the summary as one JSON line on stdout")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        parser.error(f"start it with torchrun, one process per rank: {LAUNCH}")
+        parser.error(f"start it with torchrun, one process per rank: {launcher.launch}")
     try:
         # The demo's own validation of the shared settings.
         DemoConfig(epochs=args.epochs, num_samples=args.num_samples, seed=args.seed, threads=args.threads)
@@ -86,13 +124,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, int]:
+def train(args: argparse.Namespace, device: torch.device, launcher: Launcher = DDP) -> tuple[DemoResult, int]:
     """Train on this rank; returns what was measured (meaningful on rank 0) and the world size."""
     # Imported here so that ``--help`` does not wait for tensorboard.
     from torch.utils.tensorboard import SummaryWriter
 
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    logdir = args.logdir if args.logdir is not None else os.path.join("runs", time.strftime("ddp-%Y%m%d-%H%M%S"))
+    logdir = args.logdir if args.logdir is not None else \
+        os.path.join("runs", time.strftime(f"{launcher.name}-%Y%m%d-%H%M%S"))
 
     data_begin = time.perf_counter()
     train_set, test_set = make_mnist1d(args.num_samples)
@@ -101,15 +140,15 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
 
     torch.manual_seed(args.seed)
     model = build_model().to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = launcher.wrap(model, device)
     writer = SummaryWriter(logdir) if rank == 0 else None
-    optimizer, lr_decay, scheduler = build_training(model, ddp.parameters(), writer)
+    optimizer, lr_decay, scheduler = build_training(model, wrapped.module.parameters(), writer)
     sampler = AdaptiveBatchSampler(train_set, scheduler, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, pin_memory=device.type == "cuda")
     collective = default_collective()
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(ddp(batch[0]), batch[1])
+        return F.cross_entropy(wrapped.module(batch[0]), batch[1])
 
     batch_sizes: list[int] = []
     test_accs: list[float] = []
@@ -124,7 +163,7 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
             samples = 0
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = scheduler.train_step((x, y), loss_fn, no_sync=ddp.no_sync)
+                loss = scheduler.train_step((x, y), loss_fn, **wrapped.step_options)
                 loss_sum += loss * len(x)
                 samples += len(x)
                 largest_batch = max(largest_batch, len(x))
@@ -134,8 +173,9 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
                 collective.sum([float(loss_sum), samples])
             batch_sizes.append(largest_batch * world_size)
             train_losses.append(loss_total / sample_total)
-            if rank == 0:
+            if wrapped.collective_forward or rank == 0:
                 test_accs.append(evaluate(model, test_set))
+            if rank == 0:
                 log_epoch(writer, scheduler, test_accs[-1], train_losses[-1])
     finally:
         if writer is not None:
@@ -158,8 +198,8 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[DemoResult, i
     return result, world_size
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, launcher: Launcher = DDP) -> int:
+    args = parse_args(argv, launcher)
     torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
         backend = "nccl"
@@ -169,9 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, device = "gloo", torch.device("cpu")
     dist.init_process_group(backend)
     try:
-        result, world_size = train(args, device)
+        result, world_size = train(args, device, launcher)
     except MissingExtrasError as error:
-        print(f"train_ddp: error: {error}", file=sys.stderr)
+        print(f"train_{launcher.name}: error: {error}", file=sys.stderr)
         return 1
     finally:
         # A DistributedDataParallel model sits in a reference cycle; one left for the interpreter's
@@ -184,8 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "threads": args.threads}))
         else:
             print(format_summary(result))
-            print(f"  data parallel   {world_size} processes ({backend}, {args.threads} thread(s) each), "
-                  f"each training 1/{world_size} of every batch")
+            print("  " + launcher.summary.format(world_size=world_size, backend=backend, threads=args.threads))
     return 0
 
 

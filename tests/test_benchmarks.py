@@ -39,3 +39,15 @@ def test_overhead_pairs_the_steps_of_every_variant():
     assert overhead.paired_ratio([3.0, 5.0, 4.0], [2.0, 4.0, 2.0]) == pytest.approx(1 + 1 / 2)
     durations = overhead.measure(steps=2, warmup=1)
     assert {variant: len(d) for variant, d in durations.items()} == {variant: 2 for variant in overhead.VARIANTS}
+
+
+def test_ddp_overhead_times_fsdp_beside_ddp():
+    completed = run_script("benchmarks/ddp_overhead.py", "--fsdp", "--batch-size", "32", "--steps", "2",
+                           "--warmup", "1", "--repeats", "1", "--json")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+    variants = ["ddp", "adabatch", "fsdp", "adabatch_fsdp"]
+    assert set(result) == {"world_size", "global_batch_size", "threads", "ratio", *(f"{v}_ms" for v in variants),
+                           "adabatch_fsdp/adabatch_ratio", "fsdp/ddp_ratio", "adabatch_fsdp/fsdp_ratio"}
+    assert result["adabatch_fsdp/adabatch_ratio"] == pytest.approx(result["adabatch_fsdp_ms"] / result["adabatch_ms"],
+                                                                   rel=1e-9)

@@ -26,11 +26,11 @@ from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules  # noqa
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def launch(scenario: str, out_dir: Path, ranks: int = 2, **env: str) -> list[dict]:
-    """Run the worker on ``ranks`` processes and return each rank's record."""
+def launch(scenario: str, out_dir: Path, ranks: int = 2, worker: Path = WORKER, **env: str) -> list[dict]:
+    """Run ``worker`` on ``ranks`` processes and return each rank's record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               str(WORKER), scenario, str(out_dir)]
+               str(worker), scenario, str(out_dir)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

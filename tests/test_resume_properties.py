@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch.testing import FakeClock
 
 stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -106,7 +107,7 @@ class Run:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.02, momentum=0.9)
         if setup.schedule == "Adaptive":
             # Decisions from the third measurement on, every other step; a measurement every 32 samples.
-            schedule = schedules.Adaptive(start=8, warmup=3, interval=2, exponent=0.5, growth_per_epoch=4)
+            schedule = schedules.Adaptive(start=8, warmup=3, interval=2, extra_samples=0.5, growth_per_epoch=4)
             options = {"noise_interval": 32, "max_batch_size": 48}
         elif setup.schedule == "Step in samples":
             schedule = schedules.Step(start=8, factor=2, milestones=[130, 330], unit="sample")
@@ -115,6 +116,11 @@ class Run:
             schedule = schedules.Step(start=8, factor=2, milestones=[1, 1.5])
             options = {"lr_scaling": "sqrt"}
         self.scheduler = BatchSizeScheduler(self.optimizer, schedule, min_batch_size=4, memory=None, **options)
+        if self.scheduler.step_times is not None:
+            # Step times on a simulated clock (10 ms + 0.1 ms per sample: growth pays), the same in every run.
+            clock = FakeClock(fixed=1e-2, per_sample=1e-4)
+            clock.attach(self.model)
+            self.scheduler.step_times.clock = clock
         self.sampler = AdaptiveBatchSampler(DATASET, self.scheduler, shuffle=True, seed=0)
         self.loader = LOADERS[setup.loader](DATASET, batch_sampler=self.sampler, num_workers=setup.num_workers)
         # Registered after the scheduler's hook: it sees the learning rate the step really uses.

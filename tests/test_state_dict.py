@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch.testing import FakeClock
 
 SAMPLES = 1000
 DATASET = TensorDataset(
@@ -31,6 +32,10 @@ def adaptive_run():
             nn.init.normal_(parameter, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=8, warmup=3, interval=2), noise_interval=16)
+    # Step times on a simulated clock (1 ms + 0.1 ms per sample), the same in every run.
+    clock = FakeClock(fixed=1e-3, per_sample=1e-4)
+    clock.attach(model)
+    scheduler.step_times.clock = clock
     sampler = AdaptiveBatchSampler(DATASET, scheduler, shuffle=True, seed=0)
     effective = []
     optimizer.register_step_pre_hook(lambda o, args, kwargs: effective.append(o.param_groups[0]["lr"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adabatch.schedules.adaptive import DEFAULT_START
 from benchmarks.suite import TASKS
 from benchmarks.suite.policies import policies
 from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
@@ -111,7 +112,7 @@ def test_every_task_trains_a_few_steps_of_every_policy(task):
         assert r["steps"] == 6
     assert records[0]["time_to_baseline_quality"] is not None  # the baseline reaches its own final quality
     assert records[0]["final_batch_size"] == TASKS[task].baseline_batch_size
-    assert records[1]["final_batch_size"] == 32  # Adaptive()'s default start below 100,000 samples
+    assert records[1]["final_batch_size"] == DEFAULT_START  # Adaptive()'s default start: a small batch
 
 
 def test_evaluations_fall_every_quarter_epoch_and_are_not_timed():

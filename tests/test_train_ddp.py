@@ -1,4 +1,5 @@
-"""Smoke test of ``scripts/train_ddp.py``: two gloo ranks on loopback, started by torchrun, at a tiny size.
+"""Smoke test of ``scripts/train_ddp.py`` and ``scripts/train_fsdp.py`` (its recipe under FSDP2): two
+gloo ranks on loopback, started by torchrun, at a tiny size.
 
 2,000 MNIST-1D sequences (1,600 train / 400 test), 2 epochs at the demo's starting global batch
 of 32 (16 per rank): 50 optimizer steps per epoch, the same count as the one-process demo, which
@@ -19,16 +20,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 pytest.importorskip("mnist1d")
 pytest.importorskip("torch.distributed")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_ddp.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 EPOCHS = 2
 EXPECTED_STEPS = EPOCHS * 1600 // 32
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    logdir = tmp_path_factory.mktemp("runs") / "ddp"
+@pytest.fixture(scope="module", params=["train_ddp.py", "train_fsdp.py"])
+def ddp_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    logdir = tmp_path_factory.mktemp("runs") / Path(request.param).stem
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(SCRIPTS / request.param),
         "--epochs", str(EPOCHS), "--num-samples", "2000", "--json", "--logdir", str(logdir),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)

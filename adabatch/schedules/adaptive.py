@@ -1,4 +1,4 @@
-"""Grow the batch with the gradient noise scale measured during training."""
+"""Grow the batch while the measured gradient noise scale and step times say growth pays."""
 
 from __future__ import annotations
 
@@ -9,73 +9,73 @@ from .._validation import (
     check_bool, check_choice, check_fraction, check_integer, check_non_negative_int, check_non_negative_number,
     check_positive_int, check_positive_number,
 )
+from ..throughput import StepTimes
 from .base import Progress, Schedule
 
-__all__ = ["Adaptive", "default_start_batch_size"]
+__all__ = ["Adaptive", "DEFAULT_START"]
 
 SIGNALS = ("noise_scale", "norm_test")
 
-
-def default_start_batch_size(dataset_size: int | None) -> int:
-    """The common starting point for a dataset of this size: 32 below 100,000 samples, 128
-    below 1,000,000, 256 above (the usual guidance: 16–64 for small datasets, 128–256 for
-    medium ones, 512–1024 at ImageNet scale, where training ends)."""
-    if dataset_size is None or dataset_size < 100_000:
-        return 32
-    return 128 if dataset_size < 1_000_000 else 256
+#: The size before the first decision, unless told: the small batch a practitioner would pick
+#: (16–32); a larger ``min_batch_size`` raises it.
+DEFAULT_START = 16
 
 
 class Adaptive(Schedule):
-    """Grows the batch size towards the gradient noise scale measured while training.
+    """Grows the batch while the measured gradient noise and step times say growth pays.
 
-    McCandlish et al. (2018) show that the batch size beyond which larger batches stop paying
-    off tracks the simple noise scale ``B_simple = tr(Σ) / |G|²``, which rises as training
-    progresses. Growing straight to ``B_simple`` rushes to the largest batch within a few
-    epochs, and the per-step estimate swings by orders of magnitude, so this controller moves
-    cautiously:
+    McCandlish et al. (2018) model training to a given loss at batch size ``B`` with a critical
+    batch size ``B_crit`` (the gradient noise scale): it takes ``S = S_min (1 + B_crit/B)``
+    steps and ``E = E_min (1 + B/B_crit)`` samples. A step of ``B`` samples takes ``t(B)``
+    seconds, so the wall time is ``S · t(B)``; Pollux (Qiao et al. 2021) calls its inverse
+    goodput. The controller takes every decision from these two terms:
 
-    * **Target.** ``target = start^(1 - exponent) · signal^exponent``: with the default
-      exponent 0.25, a quarter of the way from the starting size to the signal in log scale
-      (the noise scale rising 100-fold raises the batch about 3-fold). Larger exponents grow
-      faster, and cost accuracy where large batches do. The signal is the smoothed
-      ``B_simple`` (``signal="noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``):
-      the smallest batch that passes the norm test of Byrd et al. (2012) and Bollapragada et
-      al. (2018), which asks that the variance of the mini-batch gradient be at most ``θ²``
-      times its squared norm.
-    * **Decisions** are taken every ``interval`` optimizer steps, once ``warmup`` measurements
-      have been averaged (by default the scheduler measures one step per 512 samples while
-      batches are at most 64: 50 measurements are 25,600 samples), and only when the target
-      differs from the current size by more than ``hysteresis`` (AdaptDL uses 5%).
-    * **Bounds.** Monotone by default (never shrinks); grows by at most ``growth_per_epoch``
-      per epoch (AdaBatch doubles; without a dataset size the whole run counts as one epoch);
-      rounded, floored and capped by the scheduler's constraints (``min_batch_size``,
-      ``max_batch_size``, ``multiple_of``, the memory cap).
+    * **Samples.** Growth may cost at most ``extra_samples`` more samples than training at the
+      starting size ``B_0`` would: ``(B_crit + B) / (B_crit + B_0) ≤ 1 + extra_samples``. A run
+      of a fixed number of epochs then ends where the small batch would, within that fraction.
+    * **Time.** Among the sizes the samples allow, the one with the least wall time. With the
+      step times measured while training (:class:`~adabatch.throughput.StepTimes`) on the line
+      ``t(B) = a + b·B``, that is ``B = √(a·B_crit/b)``: where a larger step costs little more
+      (a GPU far from full) the batch grows; where the time grows with the batch (a busy CPU)
+      it stays small. Before two sizes are timed, half of a step is taken to be fixed cost, and
+      the batch grows at most to twice the largest size timed, so each growth is measured
+      before the next. A size that turns out not to pay is left again.
+    * **The critical batch size** is the smoothed noise scale ``B_simple`` (``signal=
+      "noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``, the smallest batch that
+      passes the norm test of Byrd et al. 2012). For Adam-family optimizers the noise scale
+      underestimates the critical batch size by orders of magnitude (Merrill et al. 2025), so
+      it is read as a relative signal: the starting size is taken as critical at the first
+      decision, and ``B_crit`` grows in proportion to the noise scale from there.
+    * **Decisions** come every ``interval`` optimizer steps, once ``warmup`` measurements have
+      been averaged, and only when the size would change by more than ``hysteresis`` (AdaptDL
+      uses 5%). The batch grows by at most ``growth_per_epoch`` per epoch (AdaBatch doubles;
+      without a dataset size the whole run counts as one epoch), and the scheduler's
+      constraints (``min_batch_size``, ``max_batch_size``, ``multiple_of``, the memory cap)
+      round, floor and cap it. ``monotone`` keeps every size that was timed and paid.
     * **Learning rate.** Unless the scheduler is given another ``lr_scaling``, the learning
       rate follows AdaScale's gain (``lr_scaling="gain"``, Johnson et al. 2020; its square root
-      for Adam-family optimizers), as AdaptDL pairs its batch sizes with it. At a constant
-      learning rate a larger batch anneals the gradient noise as a learning-rate decay would
-      (Smith et al. 2018), and growth on the noise scale's cue comes early in training, so the
-      run would anneal early. With the gain, each sample moves training as far as at the
-      starting size, and the batch size changes the throughput, not the optimization.
+      for Adam-family optimizers, the rule Seesaw (Meterez et al. 2025) pairs with a doubled
+      batch), as AdaptDL pairs its batch sizes with it.
 
-    Unlike a timetable it is not a function of progress alone: its size depends on the noise
-    scales it was fed after each step (:meth:`observe`), and its decisions are state, part of
-    the scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
-    already prefetched by DataLoader workers (``prefetch_factor × num_workers`` of them at
-    most) keep the size they were drawn with.
+    Unlike a timetable it is not a function of progress alone: its size depends on the signals
+    it was fed after each step (:meth:`observe`), and its decisions are state, part of the
+    scheduler's ``state_dict``. A decision applies to the batches drawn after it: batches
+    already prefetched by DataLoader workers keep the size they were drawn with.
 
     Args:
-        start (int, optional): the size before the first decision. Default: from the dataset
-            size (:func:`default_start_batch_size`).
+        start (int, optional): the size before the first decision: the batch size you would
+            train with. Default: :data:`DEFAULT_START` (16).
         signal (str): ``"noise_scale"`` or ``"norm_test"``. Default: ``"noise_scale"``.
         theta (float): the norm test's ``θ``. Default: 0.9.
-        exponent (float): in ``(0, 1]``, how far (in log scale) the target goes from ``start``
-            towards the signal. Default: 0.25.
+        extra_samples (float): in ``[0, 1)``, the largest fraction of samples growth may cost
+            over the starting size. Default: 0.1.
+        throughput (bool): weigh the measured step times; if ``False`` the batch grows as far as
+            ``extra_samples`` allows. Default: ``True``.
         growth_per_epoch (float): largest factor of growth within one epoch. Default: 2.
         hysteresis (float): relative change below which the size is kept. Default: 0.05.
         interval (int): optimizer steps between decisions. Default: 20.
         warmup (int): measurements before the first decision. Default: 50.
-        monotone (bool): never shrink. Default: ``True``.
+        monotone (bool): never shrink below a size that was timed and paid. Default: ``True``.
 
     Example:
         >>> scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(), min_batch_size=16)
@@ -88,6 +88,9 @@ class Adaptive(Schedule):
     _EPOCH = "epoch"
     _EPOCH_BASE = "epoch_base"
     _STEPS = "steps"
+    _KEPT = "kept"
+    _BASE = "base"
+    _REFERENCE_NOISE = "reference_noise"
 
     def __init__(
         self,
@@ -95,7 +98,8 @@ class Adaptive(Schedule):
         *,
         signal: str = "noise_scale",
         theta: float = 0.9,
-        exponent: float = 0.25,
+        extra_samples: float = 0.1,
+        throughput: bool = True,
         growth_per_epoch: float = 2.0,
         hysteresis: float = 0.05,
         interval: int = 20,
@@ -105,9 +109,8 @@ class Adaptive(Schedule):
         self.start = None if start is None else check_positive_int("start", start)
         self.signal = check_choice("signal", signal, SIGNALS)
         self.theta = check_positive_number("theta", theta)
-        self.exponent = check_positive_number("exponent", exponent)
-        if self.exponent > 1:
-            raise ValueError(f"exponent must be in (0, 1], got {exponent!r}")
+        self.extra_samples = check_fraction("extra_samples", extra_samples)
+        self.throughput = check_bool("throughput", throughput)
         self.growth_per_epoch = check_positive_number("growth_per_epoch", growth_per_epoch)
         if self.growth_per_epoch < 1:
             raise ValueError(f"growth_per_epoch must be at least 1, got {growth_per_epoch!r}")
@@ -119,24 +122,57 @@ class Adaptive(Schedule):
         self._epoch = -1  # the epoch of the last decision
         self._epoch_base = 0.0  # the size when that epoch began
         self._steps = 0
+        self._base = 0.0  # B_0: the size first trained, the start after the constraints
+        self._kept = 0.0  # the largest size timed and found to pay (the floor when monotone)
+        self._reference_noise: float | None = None  # the noise scale taken as B_0's, under Adam
+
+    def set_default_start(self, batch_size: int) -> None:
+        """Start at ``batch_size`` unless a ``start`` was given: the trainer integrations pass
+        the batch the user's DataLoader or arguments asked for."""
+        if self.start is None:
+            self.start = check_positive_int("start", batch_size)
 
     def initial_size(self, progress: Progress) -> float:
-        """``start``, or the default for the dataset's size: the size before the first decision."""
-        return float(self.start if self.start is not None else default_start_batch_size(progress.dataset_size))
+        """``start`` (default :data:`DEFAULT_START`): the size before the first decision."""
+        return float(self.start if self.start is not None else DEFAULT_START)
 
     def batch_size_at(self, progress: Progress) -> float:
         if self._size is None:
             return self.initial_size(progress)
         return self._size
 
-    def target(self, noise_scale: float, start: float) -> float:
-        """The size the signal asks for, before the controller's bounds."""
+    def _critical(self, noise_scale: float, start: float, preconditioned: bool) -> float:
+        """``B_crit`` from the smoothed noise scale: the signal itself, or under Adam the signal
+        relative to the one at the first decision, times the starting size."""
         signal = noise_scale if self.signal == "noise_scale" else noise_scale / self.theta**2
-        return start ** (1 - self.exponent) * signal**self.exponent
+        if not preconditioned:
+            return signal
+        if self._reference_noise is None:
+            self._reference_noise = signal
+        return start * signal / self._reference_noise
+
+    def target(self, critical: float, start: float, step_times: StepTimes | None = None,
+               current: float | None = None) -> float:
+        """The size the two terms ask for, before the controller's bounds: the largest the
+        samples allow, lowered to the time-optimal one when step times are weighed."""
+        by_samples = (1 + self.extra_samples) * (critical + start) - critical
+        if not self.throughput or step_times is None:
+            return by_samples
+        timed = step_times.sizes
+        largest_timed = max(timed, default=current if current is not None else start)
+        line = step_times.line()
+        if line is None:  # one size timed: half of its step taken as fixed cost, so a / b = B
+            fixed_per_sample = largest_timed
+        else:
+            fixed, per_sample = line
+            fixed_per_sample = math.inf if per_sample == 0 else fixed / per_sample
+        by_time = math.sqrt(fixed_per_sample * critical) if critical > 0 else 0.0
+        return min(by_samples, by_time, 2 * largest_timed)
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
-                largest: float = math.inf) -> None:
-        """Take a decision, if one is due, from the smoothed noise scale after a step.
+                largest: float = math.inf, step_times: StepTimes | None = None,
+                preconditioned: bool = False) -> None:
+        """Take a decision, if one is due, from the signals after a step.
 
         Args:
             progress (Progress): where training stands.
@@ -145,22 +181,32 @@ class Adaptive(Schedule):
             current (int): the batch size trained now, after the constraints.
             largest (float): the largest batch size the constraints allow now; decisions stop
                 there. Default: unbounded.
+            step_times (StepTimes, optional): seconds per step at each size trained. Default:
+                none (the time is not weighed).
+            preconditioned (bool): the noise scale is Adam-preconditioned. Default: ``False``.
         """
         if self._size is None:
             self._size = self.initial_size(progress)
+        if self._base == 0.0:
+            self._base = self._kept = float(current)
         self._steps += 1
         epoch = math.floor(progress.epoch) if progress.dataset_size else 0
         if epoch != self._epoch:
-            self._epoch, self._epoch_base = epoch, max(float(current), self._size if self.monotone else 0.0)
+            self._epoch, self._epoch_base = epoch, max(float(current), self._kept if self.monotone else 0.0)
         if measured_steps < self.warmup or self._steps % self.interval or not math.isfinite(noise_scale) \
                 or noise_scale <= 0:
             return
-        start = self.initial_size(progress)
-        target = min(self.target(noise_scale, start), self._epoch_base * self.growth_per_epoch, largest)
+        critical = self._critical(noise_scale, self._base, preconditioned)
+        target = min(self.target(critical, self._base, step_times, current),
+                     self._epoch_base * self.growth_per_epoch, largest)
+        target = max(target, min(self._base, largest))  # never below the start
         if self.monotone:
-            # Batches drawn before the last decision may still be training at the old size:
-            # the bound is the decision itself, not only the size trained now.
-            target = max(target, float(current), self._size)
+            target = max(target, self._kept)
+            if step_times is not None and self.throughput:
+                # A size confirmed by its own measured time is kept from now on.
+                self._kept = max(self._kept, min(target, max(step_times.sizes, default=0)))
+            else:
+                self._kept = max(self._kept, target)
         if abs(target - current) > self.hysteresis * current:
             self._size = target
 
@@ -168,7 +214,8 @@ class Adaptive(Schedule):
         """A new dict of the controller's decision and the bounds it keeps (the epoch of the last
         decision, the size that epoch began at, the steps observed)."""
         return {self._SIZE: self._size, self._EPOCH: self._epoch, self._EPOCH_BASE: self._epoch_base,
-                self._STEPS: self._steps}
+                self._STEPS: self._steps, self._BASE: self._base, self._KEPT: self._kept,
+                self._REFERENCE_NOISE: self._reference_noise}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved.
@@ -189,3 +236,9 @@ class Adaptive(Schedule):
         self._epoch = check_integer(name(self._EPOCH), state_dict[self._EPOCH], -1)
         self._epoch_base = check_non_negative_number(name(self._EPOCH_BASE), state_dict[self._EPOCH_BASE])
         self._steps = check_non_negative_int(name(self._STEPS), state_dict[self._STEPS])
+        # Saved since the controller weighs step times; a state from before keeps its decision.
+        self._base = check_non_negative_number(name(self._BASE), state_dict.get(self._BASE, self._size or 0.0))
+        self._kept = check_non_negative_number(name(self._KEPT), state_dict.get(self._KEPT, self._size or 0.0))
+        reference = state_dict.get(self._REFERENCE_NOISE)
+        self._reference_noise = None if reference is None else check_positive_number(name(self._REFERENCE_NOISE),
+                                                                                      reference)

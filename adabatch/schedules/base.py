@@ -95,7 +95,7 @@ class Schedule(abc.ABC):
         return self(progress)
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
-                largest: float = math.inf) -> None:
+                largest: float = math.inf, step_times: Any = None, preconditioned: bool = False) -> None:
         """Take in the signals measured after an optimizer step; the scheduler calls it after
         every step of a schedule that :attr:`needs_noise`. A timetable ignores them.
 
@@ -105,6 +105,10 @@ class Schedule(abc.ABC):
             measured_steps (int): steps the noise statistics have averaged.
             current (int): the batch size trained now, after the constraints.
             largest (float): the largest batch size the constraints allow now. Default: unbounded.
+            step_times (StepTimes, optional): seconds per step at each batch size trained so
+                far (:class:`~adabatch.throughput.StepTimes`), the same on every rank. Default: none.
+            preconditioned (bool): the noise scale was measured on gradients preconditioned by
+                an Adam-family optimizer. Default: ``False``.
         """
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""The noise scale ``B_simple = tr(Σ) / |G|²`` from pairs of squared gradient norms, smoothed
+(McCandlish et al. 2018, Appendix A.1); see :mod:`adabatch.noise`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .._validation import check_fraction
+
+#: Default decay of the moving averages of |G|² and tr(Σ).
+DEFAULT_EMA_DECAY = 0.95
+
+
+class BiasCorrectedEMA:
+    """An exponential moving average that is unbiased from its first update (Adam's correction).
+
+    Args:
+        decay (float): weight of the past, in ``[0, 1)``. Default: 0.95.
+    """
+
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
+        self.decay = check_fraction("decay", decay)
+        self.biased = 0.0
+        self.updates = 0
+
+    def update(self, value: float) -> None:
+        self.biased = self.decay * self.biased + (1 - self.decay) * value
+        self.updates += 1
+
+    @property
+    def value(self) -> float:
+        """The average, ``nan`` before the first update."""
+        if not self.updates:
+            return math.nan
+        return self.biased / (1 - self.decay**self.updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"biased": self.biased, "updates": self.updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.biased = float(state_dict["biased"])
+        self.updates = int(state_dict["updates"])
+
+
+class NoiseScale:
+    """Smoothed two-batch estimates of ``|G|²``, ``tr(Σ)`` and the simple noise scale.
+
+    Args:
+        decay (float): decay of both moving averages. Default: 0.95.
+
+    Example:
+        >>> noise = NoiseScale()
+        >>> noise.update(grad_sqr_small=2.0, batch_small=32, grad_sqr_big=1.1, batch_big=256)
+        True
+        >>> round(noise.noise_scale, 1)
+        33.9
+    """
+
+    def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
+        self._grad_sqr = BiasCorrectedEMA(decay)
+        self._grad_var = BiasCorrectedEMA(decay)
+        self.last_grad_sqr = math.nan  # the raw per-step estimates, for logging
+        self.last_grad_var = math.nan
+
+    def update(self, grad_sqr_small: float, batch_small: int, grad_sqr_big: float, batch_big: int) -> bool:
+        """Add one step's pair of squared gradient norms.
+
+        Args:
+            grad_sqr_small (float): ``|G_small|²``, squared norm of the mean gradient over
+                ``batch_small`` samples.
+            batch_small (int): samples behind ``grad_sqr_small``.
+            grad_sqr_big (float): ``|G_big|²``, over ``batch_big`` samples, a superset.
+            batch_big (int): samples behind ``grad_sqr_big``; larger than ``batch_small``.
+
+        Returns:
+            whether the step was counted: a step with a non-finite norm (an overflow, a step a
+            GradScaler skips) or without two distinct batch sizes is not.
+        """
+        if not (math.isfinite(grad_sqr_small) and math.isfinite(grad_sqr_big)) or not 0 < batch_small < batch_big:
+            return False
+        grad_sqr = (batch_big * grad_sqr_big - batch_small * grad_sqr_small) / (batch_big - batch_small)
+        grad_var = (grad_sqr_small - grad_sqr_big) / (1 / batch_small - 1 / batch_big)
+        self.last_grad_sqr, self.last_grad_var = grad_sqr, grad_var
+        self._grad_sqr.update(grad_sqr)
+        self._grad_var.update(grad_var)
+        return True
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far."""
+        return self._grad_sqr.updates
+
+    @property
+    def grad_sqr(self) -> float:
+        """Smoothed ``|G|²``, the squared norm of the true gradient."""
+        return self._grad_sqr.value
+
+    @property
+    def grad_var(self) -> float:
+        """Smoothed ``tr(Σ)``, the trace of the per-sample gradient covariance."""
+        return self._grad_var.value
+
+    @property
+    def noise_scale(self) -> float:
+        """``B_simple = tr(Σ) / |G|²``; ``nan`` before the first step, ``inf`` while the
+        smoothed ``|G|²`` is not positive (the gradient is all noise)."""
+        grad_sqr, grad_var = self.grad_sqr, self.grad_var
+        if math.isnan(grad_sqr) or math.isnan(grad_var):
+            return math.nan
+        if grad_sqr <= 0:
+            return math.inf
+        return max(grad_var, 0.0) / grad_sqr
+
+    def scalars(self) -> dict[str, float]:
+        """The smoothed and the last raw estimates, for logging; empty before the first step."""
+        if not self.steps:
+            return {}
+        return {"noise/grad_sqr": self.grad_sqr, "noise/grad_var": self.grad_var, "noise/noise_scale": self.noise_scale,
+                "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._grad_sqr.load_state_dict(state_dict["grad_sqr"])
+        self._grad_var.load_state_dict(state_dict["grad_var"])
