@@ -166,17 +166,19 @@ def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in records if r["task"] == task]
-    colours = {policy: f"C{i % 10}" for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
+    # Ten colours, then the same ten dashed.
+    styles = {policy: {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+              for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
     figure, (quality_axis, batch_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     labelled: set[str] = set()
     for r in runs:
         label = None if r["policy"] in labelled else r["policy"]
         labelled.add(r["policy"])
         curve = [Evaluation(*point) for point in r["curve"]]
-        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], color=colours[r["policy"]],
-                          label=label, alpha=0.7)
+        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], **styles[r["policy"]], label=label,
+                          alpha=0.7)
         points = r["batch_sizes"] + [[r["samples"], r["batch_sizes"][-1][1]]]
-        batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", color=colours[r["policy"]],
+        batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", **styles[r["policy"]],
                         label=label, alpha=0.7)
     final = [r["final_quality"] for r in runs if r["policy"] == "baseline"]
     if final:  # around the baseline's final quality, where the policies part
