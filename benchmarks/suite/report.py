@@ -181,13 +181,14 @@ def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
         batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", **styles[r["policy"]],
                         label=label, alpha=0.7)
     final = [r["final_quality"] for r in runs if r["policy"] == "baseline"]
-    if final:  # around the baseline's final quality, where the policies part
+    if final:  # around the baseline's final quality, where the policies part, and every run's end
         target = statistics.mean(final)
+        ends = [r["final_quality"] for r in runs]
         quality_axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         if runs[0]["metric"].startswith("accuracy"):
-            quality_axis.set_ylim(target - 3, min(100, target + 1))
+            quality_axis.set_ylim(min(target - 3, min(ends) - 0.5), min(100, max(ends) + 1))
         else:
-            quality_axis.set_ylim(target * 0.95, target * 1.3)
+            quality_axis.set_ylim(min(target, min(ends)) * 0.95, max(target * 1.3, max(ends) * 1.1))
     quality_axis.set(xlabel="training CPU time (s), one thread", ylabel=runs[0]["metric"],
                      title=f"{task}: held-out quality")
     batch_axis.set(xlabel="samples seen", ylabel="batch size", title=f"{task}: batch size")
