@@ -5,7 +5,8 @@ Each idea lives in its own module: :mod:`~adabatch.plan` (which batch follows wh
 and progress), :mod:`~adabatch.lr_scaling` (the factor and its optimizer hook),
 :mod:`~adabatch.training_step` (micro-batches and out-of-memory retry), :mod:`~adabatch.noise`
 (the noise scale and which steps measure it), :mod:`~adabatch.distributed` (what the ranks
-agree on), :mod:`~adabatch.memory` (the memory cap) and :mod:`~adabatch.loggers` (TensorBoard).
+agree on), :mod:`~adabatch.memory` (the memory cap), :mod:`~adabatch.throughput` (step times)
+and :mod:`~adabatch.loggers` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class BatchSizeScheduler:
     Every parameter group's learning rate is multiplied by :attr:`lr_factor` for the duration
     of each ``optimizer.step()`` and restored right after, so a ``torch.optim.lr_scheduler`` on
     the same optimizer keeps working: the effective learning rate is its learning rate times
-    the factor (see :mod:`adabatch.lr_scaling`).
+    the factor (see :mod:`adabatch.lr_scaling`). The factor follows the scheduled (target) size,
+    so the balanced batches that end an epoch, a little smaller, keep the target's factor.
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
@@ -240,9 +242,7 @@ class BatchSizeScheduler:
     @property
     def epoch(self) -> float:
         """Epochs passed, as a float; ``nan`` while the dataset size is unknown."""
-        if self.dataset_size is None:
-            return math.nan
-        return self.plan.position / self.dataset_size
+        return math.nan if self.dataset_size is None else self.plan.position / self.dataset_size
 
     def skip_to(self, position: int) -> None:
         """Move the trained position forward to ``position`` without training, as when the
@@ -257,9 +257,7 @@ class BatchSizeScheduler:
     def get_last_lr(self) -> list[float]:
         """Effective learning rate of each parameter group in the last counted step (before
         the first: the current learning rates times :attr:`lr_factor`)."""
-        if self._last_lrs is not None:
-            return list(self._last_lrs)
-        return self._coming_lrs()
+        return list(self._last_lrs) if self._last_lrs is not None else self._coming_lrs()
 
     def _coming_lrs(self) -> list[float]:
         factor = self.lr_factor

@@ -39,6 +39,7 @@ class StepTimes:
 
     TABLE = "table"
     WINDOW = "window"
+    RUNNING = "running"
 
     def __init__(self, window: int = 8, keep: int = 8, clock: Callable[[], float] = time.perf_counter) -> None:
         self.window = check_positive_int("window", window)
@@ -63,8 +64,8 @@ class StepTimes:
 
     def _summarise(self, agree: Callable[[list[float]], list[float]] | None) -> None:
         # The sizes in a window are the same on every rank (the ranks train the same global
-        # batches), so the ranks' lists line up; a rank that timed no step of a size (its first
-        # step after a pause) adds nothing to the mean.
+        # batches), so the ranks' lists line up; a rank that timed no step of a size (the first
+        # step of a run) adds nothing to the mean.
         sizes = sorted(self._pending)
         sums = [statistics.median(times) if times else 0.0 for times in map(self._pending.get, sizes)]
         counts = [1.0 if self._pending[size] else 0.0 for size in sizes]
@@ -78,11 +79,6 @@ class StepTimes:
                 kept.append(median)
                 del kept[:-self.keep]
         self._pending, self._steps_in_window = {}, 0
-
-    def pause(self) -> None:
-        """Forget the time since the last step (the loop stopped: a resume, a new epoch's
-        workers starting), so it is not counted as a step."""
-        self._last_tick = None
 
     def seconds(self, batch_size: int) -> float | None:
         """Typical seconds per step at ``batch_size``, or ``None`` if it was not timed."""
@@ -113,11 +109,13 @@ class StepTimes:
         """The summarised table and the window in progress, as a new dict, so that a resumed run
         summarises at the same steps as one that never stopped."""
         return {self.TABLE: [[size, *times] for size, times in sorted(self._table.items())],
-                self.WINDOW: [self._steps_in_window, *([size, *times] for size, times in sorted(self._pending.items()))]}
+                self.WINDOW: [self._steps_in_window, *([size, *times] for size, times in sorted(self._pending.items()))],
+                self.RUNNING: self._last_tick is not None}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved. The time since the last step before the
-        checkpoint is not counted.
+        """Restore what :meth:`state_dict` saved. If a step had been timed before the checkpoint,
+        the next one is timed from the load on, so a resumed run times it, and summarises at the
+        same steps, as one that never stopped.
 
         Raises:
             ValueError: if the table is missing or holds a size or a time out of range.
@@ -129,10 +127,14 @@ class StepTimes:
         if not isinstance(window, list) or not window or not is_integer(window[0]) or not 0 <= window[0] < self.window:
             raise ValueError(f"step times state_dict[{self.WINDOW!r}] must be [steps, [batch_size, seconds...]...], "
                              f"got {window!r}")
+        running = state_dict.get(self.RUNNING, False)
+        if not isinstance(running, bool):
+            raise ValueError(f"step times state_dict[{self.RUNNING!r}] must be True or False, got {running!r}")
         table = self._rows(rows, minimum=2)
         pending = self._rows(window[1:], minimum=1)
         self._table = {size: times[-self.keep:] for size, times in table.items()}
-        self._pending, self._steps_in_window, self._last_tick = pending, int(window[0]), None
+        self._pending, self._steps_in_window = pending, int(window[0])
+        self._last_tick = self.clock() if running else None
 
     @staticmethod
     def _rows(rows: list, minimum: int) -> dict[int, list[float]]:

@@ -771,7 +771,7 @@ def test_a_measured_step_is_halved_only_on_one_process_and_above_twice_the_floor
     assert NoiseSampling().split(sizes, floor, distributed) == split
 
 
-def test_noise_interval_must_be_a_positive_integer() -> None:
+def test_noise_sampling_refuses_an_interval_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match="noise_interval must be a positive integer, got 0"):
         NoiseSampling(0)
 

@@ -9,7 +9,8 @@ each parameter records the squared norm each gradient had when backward accumula
 ratio to the norm at the step is the factor to undo, so the noise statistics are those of the
 gradients backward computed.
 
-Only steps the noise measurement uses are recorded (the meter arms the hooks a step ahead). Under
+Only steps the noise measurement uses are recorded: the hooks are registered a step ahead and
+removed after. Under
 torch.distributed the hooks would see each rank's gradient before it is averaged, so they are
 not used there; nor do they fire on parameters whose gradient is assigned rather than
 accumulated (FSDP's sharded parameters): those steps are read as they are.
@@ -26,44 +27,70 @@ __all__ = ["BackwardNorms"]
 
 
 class BackwardNorms:
-    """Records each parameter's squared gradient norm as backward accumulates it, while armed.
+    """Records the gradients' squared norm as each backward pass leaves them, while armed.
 
     Args:
         parameters (iterable of Tensor): the parameters whose gradients are measured.
     """
 
     def __init__(self, parameters: Any) -> None:
+        self._parameters = [p for p in parameters if p.requires_grad]
+        self._recorded: tuple[list[torch.Tensor], torch.Tensor] | None = None  # parameters, squared norm
+        self._queued = False
+        self._handles: list[Any] = []
         self.armed = True  # the first step, whose turn is not known yet, is recorded
-        self._recorded: dict[torch.Tensor, torch.Tensor] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._record) for p in parameters if p.requires_grad]
+
+    @property
+    def armed(self) -> bool:
+        """Whether the coming backward passes are recorded. The hooks exist only while armed:
+        a hook on every parameter costs a call into Python per parameter per backward pass."""
+        return bool(self._handles)
+
+    @armed.setter
+    def armed(self, armed: bool) -> None:
+        if armed and not self._handles:
+            self._handles = [p.register_post_accumulate_grad_hook(self._record) for p in self._parameters]
+        elif not armed:
+            self.remove()
 
     def _record(self, parameter: torch.Tensor) -> None:
-        if self.armed and parameter.grad is not None:
-            # The latest accumulation wins: with several backward passes per step, the last holds the sum.
-            with torch.no_grad():
-                self._recorded[parameter] = parameter.grad.detach().double().square().sum()
+        # The first gradient of a backward pass asks for the norms once the pass has ended:
+        # one kernel for all of them. With several passes per step, the last holds the sum.
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._at_end_of_backward)
+
+    def _at_end_of_backward(self) -> None:
+        self._queued = False
+        parameters = [p for p in self._parameters if p.grad is not None]
+        if parameters:
+            norms = torch._foreach_norm([p.grad.detach() for p in parameters])
+            self._recorded = (parameters, torch.stack(norms).double().square().sum())
 
     def unclip_factor(self) -> float:
         """``|g as accumulated| / |g now|`` over the parameters recorded since the last call
         (1.0 when none was, or a norm is zero or not finite); forgets the records."""
-        recorded, self._recorded = self._recorded, {}
-        grads = [p.grad for p in recorded if p.grad is not None]
-        if len(grads) != len(recorded) or not grads:
+        recorded, self._recorded = self._recorded, None
+        if recorded is None:
             return 1.0
-        before = torch.stack(list(recorded.values())).sum()
-        now = torch.stack([g.detach().double().square().sum() for g in grads]).sum()
-        before, now = before.item(), now.item()
+        parameters, before = recorded
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if len(grads) != len(parameters):
+            return 1.0
+        # One kernel for the norms now and one transfer for both sums.
+        now = torch.stack(torch._foreach_norm([g.detach() for g in grads])).double().square().sum()
+        before, now = torch.stack([before, now]).tolist()
         if not (math.isfinite(before) and math.isfinite(now)) or before <= 0 or now <= 0:
             return 1.0
         return math.sqrt(before / now)
 
     def forget(self) -> float:
         """Drop the records of a step the measurement does not use; returns 1.0 (no factor)."""
-        self._recorded = {}
+        self._recorded = None
         return 1.0
 
     def remove(self) -> None:
-        """Detach the hooks."""
+        """Detach the hooks (disarm)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

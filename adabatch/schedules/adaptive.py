@@ -202,13 +202,13 @@ class Adaptive(Schedule):
         target = max(target, min(self._base, largest))  # never below the start
         if self.monotone:
             target = max(target, self._kept)
-            if step_times is not None and self.throughput:
-                # A size confirmed by its own measured time is kept from now on.
-                self._kept = max(self._kept, min(target, max(step_times.sizes, default=0)))
-            else:
-                self._kept = max(self._kept, target)
         if abs(target - current) > self.hysteresis * current:
             self._size = target
+        if self.monotone:
+            # A size decided is kept from now on once its own step time confirmed it (or at once
+            # when the time is not weighed).
+            timed = self.throughput and step_times is not None
+            self._kept = max(self._kept, min(self._size, max(step_times.sizes, default=0)) if timed else self._size)
 
     def state_dict(self) -> dict[str, Any]:
         """A new dict of the controller's decision and the bounds it keeps (the epoch of the last
