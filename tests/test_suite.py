@@ -73,7 +73,7 @@ def test_a_negative_tolerance_is_refused():
 def test_records_time_the_baseline_quality_and_the_ratios_pair_seeds():
     baseline = Run("t", "baseline", 0, curve(97.0, 98.95, 98.8, 99.0), [(0, 32)], [(400, math.nan, 1.0)])
     faster = Run("t", "adaptive", 0, curve(98.0, 98.92, 99.2), [(0, 32), (150, 64)], [(300, 40.0, 1.3)])
-    ours, theirs = record(baseline, baseline, ACCURACY), record(faster, baseline, ACCURACY)
+    ours, theirs = record(baseline, 99.0, ACCURACY), record(faster, 99.0, ACCURACY)
     assert (ours["time_to_baseline_quality"], ours["cpu_to_baseline_quality"], ours["steps_to_baseline_quality"]) \
         == (2.0, 1.0, 20)
     assert (theirs["time_to_baseline_quality"], theirs["steps_to_baseline_quality"]) == (2.0, 20)
@@ -181,3 +181,20 @@ def test_bad_arguments_are_named(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(args)
     assert message in str(exit.value.code) + capsys.readouterr().err
+
+
+def test_a_stopped_suite_resumes_with_the_runs_it_lacks(tmp_path, capsys):
+    out = tmp_path / "suite.md"
+    arguments = ["--task", "regression-adam", "--quick", "--max-steps", "3", "--seeds", "0", "--json", "--out", str(out)]
+    main(arguments)
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    lines = out.with_suffix(".jsonl")
+    assert [json.loads(line) for line in lines.read_text().splitlines()] == first
+    lines.write_text("".join(json.dumps(r) + "\n" for r in first[:2]))  # as if stopped during the third run
+    main([*arguments, "--resume"])
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in again] == ["timetable"]
+    assert again[0]["baseline_quality"] == first[0]["final_quality"]
+    assert again[0]["final_quality"] == first[2]["final_quality"]  # the same run: seeded, deterministic
+    assert [json.loads(line) for line in lines.read_text().splitlines()] == first[:2] + again
+    assert "| timetable |" in out.read_text()

@@ -11,7 +11,7 @@ square root of the batch over the baseline's (for SGD too: the linear rule takes
 to 0.8 at 512, where it diverges), and three more timetables:
 
 * ``step-x2-late``: ×2 at 1/2 and 3/4 of the epochs, learning rate kept;
-* ``geometric``: ×2 every 1/8 of the epochs, learning rate kept;
+* ``geometric``: ×2 every 1/8 of the epochs up to the cap, learning rate kept;
 * ``doubling-sqrt``: ×2 at 1/4, 1/2 and 3/4 with the learning rate ×√2 at each doubling, the
   schedule of Merrill et al. 2025.
 """
@@ -70,7 +70,7 @@ def policies(task: Task, sweep: bool = False) -> list[Policy]:
                                  lr_scaling="sqrt", reference_batch_size=start))
     chosen += [
         Policy("step-x2-late", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 2, 3 / 4))),
-        Policy("geometric", lambda epochs: schedules.Geometric(start, 2, every=epochs / 8)),
+        Policy("geometric", lambda epochs: schedules.Geometric(start, 2, every=epochs / 8, end=MAX_BATCH_SIZE)),
         Policy("doubling-sqrt", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 4, 1 / 2, 3 / 4)),
                lr_scaling="sqrt"),
     ]

@@ -22,10 +22,9 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def record(run: Run, baseline: Run, metric: Metric) -> dict[str, Any]:
-    """The JSON record of ``run``, judged against the final quality of ``baseline`` (the same
-    task and seed; ``run`` itself for the baseline)."""
-    target = baseline.final.quality
+def record(run: Run, target: float, metric: Metric) -> dict[str, Any]:
+    """The JSON record of ``run``, judged against ``target``: the final quality of the baseline
+    of the same task and seed (the run's own, for the baseline)."""
     reached = first_reaching(run.curve, target, metric)
     return {
         "task": run.task,
@@ -167,26 +166,29 @@ def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in records if r["task"] == task]
-    colours = {policy: f"C{i % 10}" for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
+    # Ten colours, then the same ten dashed.
+    styles = {policy: {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+              for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
     figure, (quality_axis, batch_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     labelled: set[str] = set()
     for r in runs:
         label = None if r["policy"] in labelled else r["policy"]
         labelled.add(r["policy"])
         curve = [Evaluation(*point) for point in r["curve"]]
-        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], color=colours[r["policy"]],
-                          label=label, alpha=0.7)
+        quality_axis.plot([e.cpu_s for e in curve], [e.quality for e in curve], **styles[r["policy"]], label=label,
+                          alpha=0.7)
         points = r["batch_sizes"] + [[r["samples"], r["batch_sizes"][-1][1]]]
-        batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", color=colours[r["policy"]],
+        batch_axis.step([p[0] for p in points], [p[1] for p in points], where="post", **styles[r["policy"]],
                         label=label, alpha=0.7)
     final = [r["final_quality"] for r in runs if r["policy"] == "baseline"]
-    if final:  # around the baseline's final quality, where the policies part
+    if final:  # around the baseline's final quality, where the policies part, and every run's end
         target = statistics.mean(final)
+        ends = [r["final_quality"] for r in runs]
         quality_axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         if runs[0]["metric"].startswith("accuracy"):
-            quality_axis.set_ylim(target - 3, min(100, target + 1))
+            quality_axis.set_ylim(min(target - 3, min(ends) - 0.5), min(100, max(ends) + 1))
         else:
-            quality_axis.set_ylim(target * 0.95, target * 1.3)
+            quality_axis.set_ylim(min(target, min(ends)) * 0.95, max(target * 1.3, max(ends) * 1.1))
     quality_axis.set(xlabel="training CPU time (s), one thread", ylabel=runs[0]["metric"],
                      title=f"{task}: held-out quality")
     batch_axis.set(xlabel="samples seen", ylabel="batch size", title=f"{task}: batch size")

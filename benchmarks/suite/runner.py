@@ -4,6 +4,7 @@ Usage::
 
     python3 -m benchmarks.suite [--task gpt ...] [--seeds 0 1 2] [--sweep] [--quick]
                                 [--threads 1] [--json] [--out benchmarks/results/suite.md]
+    python3 -m benchmarks.suite ... --out benchmarks/results/suite.md --resume   # only the runs missing
     python3 -m benchmarks.suite --report benchmarks/results/suite.jsonl [--out ...]
 
 Within a task the policies run back to back for each seed in turn (seed-major), so a change of
@@ -27,7 +28,7 @@ from . import TASKS
 from .policies import DEFAULT_POLICIES, Policy, policies
 from .report import markdown, plot, record, summarise
 from .task import Task
-from .training import Run, train
+from .training import train
 
 __all__ = ["choose_policies", "main", "run_task"]
 
@@ -48,8 +49,9 @@ def choose_policies(task: Task, sweep: bool, policy_names: Sequence[str] | None)
 
 def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bool = False, num_workers: int = 0,
              max_steps: int | None = None, policy_names: Sequence[str] | None = None,
+             done: Sequence[dict[str, Any]] = (),
              on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
-    """Train ``task`` under its policies for each seed, the baseline first, and return the records.
+    """Train ``task`` under its policies for each seed, the baseline first, and return the new records.
 
     Args:
         task (Task): what to train.
@@ -59,19 +61,28 @@ def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bo
         num_workers (int): DataLoader worker processes. Default: 0.
         max_steps (int, optional): stop every run after this many optimizer steps. Default: none.
         policy_names (sequence of str, optional): run only these (and the baseline). Default: all.
-        on_record (callable): called with each record as soon as it exists.
+        done (sequence of dict): records of earlier runs (of any task): the (policy, seed) of
+            ``task`` they hold are not run again, and a baseline's gives its seed's target.
+        on_record (callable): called with each new record as soon as it exists.
     """
     chosen = choose_policies(task, sweep, policy_names)
+    finished = {(r["policy"], r["seed"]): r for r in done if r["task"] == task.name}
+    if all((policy.name, seed) in finished for seed in seeds for policy in chosen):
+        return []
     train_set, test_set = task.data(quick)
     records = []
     for seed in seeds:
-        baseline: Run | None = None
+        target: float | None = None
         for policy in chosen:
-            run = train(task, policy, seed, train_set, test_set, epochs=task.epochs_for(quick),
-                        num_workers=num_workers, max_steps=max_steps)
-            baseline = baseline or run
-            records.append(record(run, baseline, task.metric))
-            on_record(records[-1])
+            earlier = finished.get((policy.name, seed))
+            if earlier is None:
+                run = train(task, policy, seed, train_set, test_set, epochs=task.epochs_for(quick),
+                            num_workers=num_workers, max_steps=max_steps)
+                target = run.final.quality if target is None else target
+                records.append(record(run, target, task.metric))
+                on_record(records[-1])
+            elif target is None:
+                target = earlier["final_quality"]
     return records
 
 
@@ -83,10 +94,8 @@ def _progress_line(r: dict[str, Any]) -> str:
 
 
 def write(records: list[dict[str, Any]], out: Path, header: str) -> None:
-    """Write the markdown report to ``out``, the records to ``out`` with ``.jsonl``, and one plot
-    per task (if matplotlib is installed) next to it."""
+    """Write the markdown report to ``out`` and one plot per task (if matplotlib is installed) next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     sections = [header, markdown(summarise(records))]
     if importlib.util.find_spec("matplotlib") is not None:
         for task in dict.fromkeys(r["task"] for r in records):
@@ -131,9 +140,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON line per (task, policy, seed)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write a markdown report here, the JSON lines next to it (.jsonl) and plots")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out's .jsonl and run only the missing ones")
     parser.add_argument("--report", type=Path, nargs="+", default=None,
                         help="train nothing: report on the JSON lines of earlier runs")
     args = parser.parse_args(argv)
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out: it reads the runs back from the .jsonl next to it")
     for name in ("threads", "workers", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
@@ -148,24 +161,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         header = (f"{len(records)} runs read from {', '.join(p.name for p in args.report)}: "
                   f"{sum(r['wall_s'] for r in records) / 60:.0f} min of training wall time, "
                   f"{sum(r['cpu_s'] for r in records) / 60:.0f} min of CPU time.")
+        if args.out is not None and args.out.with_suffix(".jsonl") not in args.report:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     else:
         torch.set_num_threads(args.threads)
         begin = time.perf_counter()
-
-        def emit(r: dict[str, Any]) -> None:
-            print(json.dumps(r) if args.json else _progress_line(r), flush=True)
 
         for name in args.task:  # before any training
             try:
                 choose_policies(TASKS[name], args.sweep, args.policies)
             except ValueError as error:
                 raise SystemExit(f"--policies: {error}") from None
-        records = []
+        lines = None if args.out is None else args.out.with_suffix(".jsonl")
+        records = read_records([lines]) if args.resume and lines.exists() else []
+        resumed = len(records)
+        if lines is not None:
+            lines.parent.mkdir(parents=True, exist_ok=True)
+            lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+        def emit(r: dict[str, Any]) -> None:
+            print(json.dumps(r) if args.json else _progress_line(r), flush=True)
+            if lines is not None:  # as each run ends: a run that is stopped keeps what it measured
+                with lines.open("a") as file:
+                    file.write(json.dumps(r) + "\n")
+
         for name in args.task:
             records += run_task(TASKS[name], args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
-                                max_steps=args.max_steps, policy_names=args.policies, on_record=emit)
+                                max_steps=args.max_steps, policy_names=args.policies, done=records, on_record=emit)
         header = (f"`python3 -m benchmarks.suite {' '.join(sys.argv[1:] if argv is None else argv)}`: "
-                  f"{len(records)} runs, torch threads {args.threads}, {time.perf_counter() - begin:.0f} s in all.")
+                  f"{len(records) - resumed} runs{f' (and {resumed} read back)' if resumed else ''}, torch threads "
+                  f"{args.threads}, {time.perf_counter() - begin:.0f} s in all.")
     if not args.json:
         print(markdown(summarise(records)))
     if args.out is not None:
