@@ -4,9 +4,10 @@ training step, the memory cap, the noise scale and the logging together.
 Each idea lives in its own module: :mod:`~adabatch.plan` (which batch follows which position,
 and progress), :mod:`~adabatch.lr_scaling` (the factor and its optimizer hook),
 :mod:`~adabatch.training_step` (micro-batches and out-of-memory retry), :mod:`~adabatch.noise`
-(the noise scale and which steps measure it), :mod:`~adabatch.distributed` (what the ranks
-agree on), :mod:`~adabatch.memory` (the memory cap), :mod:`~adabatch.throughput` (step times)
-and :mod:`~adabatch.loggers` (TensorBoard).
+(the noise scale and which steps measure it), :mod:`~adabatch.throughput` (step times),
+:mod:`~adabatch.signals` (what is measured after each step, and the schedule fed with it),
+:mod:`~adabatch.distributed` (what the ranks agree on), :mod:`~adabatch.memory` (the memory
+cap) and :mod:`~adabatch.loggers` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ._validation import check_fraction, check_positive_int
+from ._validation import check_positive_int
 from .constraints import BatchSizeConstraints
 from .distributed import Collective, RankAgreement
 from .layout import EpochLayout
@@ -26,10 +27,10 @@ from . import checkpoint
 from .lr_scaling import LRFactor, LRFactorHook, LRScaling
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
-from .noise import DEFAULT_EMA_DECAY, GradientNoiseMeter, NoiseSampling, is_adam_family
+from .noise import DEFAULT_EMA_DECAY
 from .plan import BatchPlan, PlannedBatch
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
-from .throughput import StepTimes
+from .signals import StepSignals
 from .training_step import StepOutcome, TrainingStep
 
 __all__ = ["BatchSizeScheduler"]
@@ -147,16 +148,13 @@ class BatchSizeScheduler:
         if isinstance(memory, str) and memory != "auto":
             raise ValueError(f"memory must be a MemoryDevice, 'auto' or None, got {memory!r}")
         self.memory = MemoryCap(default_memory_device(optimizer) if memory == "auto" else memory, safety_margin)
-        noise_decay = check_fraction("noise_decay", noise_decay)
+        self.agreement = RankAgreement(collective)
         if measure_noise is None:
             measure_noise = self.schedule.needs_noise or lr_scaling == "gain"
-        self.noise_meter = GradientNoiseMeter(optimizer, noise_decay) if measure_noise else None
+        self.signals = StepSignals(optimizer, self.schedule, self.constraints, self.agreement,
+                                   measure_noise=measure_noise, noise_decay=noise_decay, noise_interval=noise_interval)
         self.lr = LRFactor(lr_scaling, optimizer, self.schedule, self.constraints, self.noise_meter,
                            reference_batch_size=reference_batch_size, warmup_steps=warmup_steps)
-        self.noise_sampling = NoiseSampling(noise_interval)
-        # What an adaptive schedule weighs the noise against: the time a step takes at each size.
-        self.step_times = StepTimes() if self.schedule.needs_noise else None
-        self.agreement = RankAgreement(collective)
         self.plan = BatchPlan(self.target_at)
         self._training_step = TrainingStep(optimizer, self.constraints, self.memory, self.agreement,
                                            self.noise_meter, self.noise_sampling)
@@ -170,6 +168,11 @@ class BatchSizeScheduler:
     collective = property(attrgetter("agreement.collective"), doc="How the ranks agree (``None`` on one process).")
     layout = property(attrgetter("plan.layout"),
                       doc="How the bound dataset's epochs are cut into batches (``None`` before a sampler binds).")
+    noise_meter = property(attrgetter("signals.noise_meter"),
+                           doc="Measures the gradient noise scale (``None`` if it is not measured).")
+    noise_sampling = property(attrgetter("signals.noise_sampling"), doc="Which steps measure the noise scale.")
+    step_times = property(attrgetter("signals.step_times"),
+                          doc="Seconds per step at each batch size (``None`` unless the schedule needs them).")
 
     def bind(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance") -> EpochLayout:
         """Learn the dataset and how it is cut into batches; called by :class:`~adabatch.AdaptiveBatchSampler`.
@@ -190,8 +193,7 @@ class BatchSizeScheduler:
                 raise ValueError(f"{name} is {expected}, but the sampler's dataset has {dataset_size} samples")
         self.constraints.bind(dataset_size, num_replicas)
         self.agreement.bind(num_replicas)
-        if self.noise_meter is not None:
-            self.noise_sampling.prepare(self.noise_meter, self.agreement.distributed)
+        self.signals.prepare()
         if remainder == "balance":
             self.constraints.check_balance_fits()
         self.lr.forget_reference()
@@ -293,17 +295,8 @@ class BatchSizeScheduler:
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
         self.agreement.apply_memory_cap(self.memory, self.constraints)
-        if self.step_times is not None:
-            self.step_times.tick(batch.target, self.agreement.sum if self.agreement.distributed else None)
-        if self.noise_meter is not None:
-            if outcome is None or not outcome.noise_handled:
-                self.noise_sampling.observe_plain_step(self.noise_meter, local, batch.start, consumed,
-                                                      self.agreement.distributed)
-            if self.schedule.needs_noise:
-                noise = self.noise_meter.noise
-                self.schedule.observe(Progress(samples=self.plan.position, dataset_size=self.dataset_size),
-                                      noise.noise_scale, noise.steps, batch.target, largest=self.constraints.largest(),
-                                      step_times=self.step_times, preconditioned=is_adam_family(self.optimizer))
+        self.signals.after_step(batch, consumed, local, self.plan.position,
+                                noise_handled=outcome is not None and outcome.noise_handled)
         if self.lr.warmup_steps:
             self.lr.after_step(batch.target, self.plan.batch_at(self.plan.position).target, factor_used,
                                self.plan.steps)
@@ -372,8 +365,7 @@ class BatchSizeScheduler:
             ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
         """
         batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
-        measure = self.noise_meter is not None and self.noise_sampling.due(
-            self.plan.position, batch_size * self.num_replicas)
+        measure = self.signals.measures(self.plan.position, batch_size * self.num_replicas)
         return self._training_step.run(batch, batch_size, loss_fn, scaler=scaler, no_sync=no_sync, measure=measure,
                                        count=lambda outcome: self._count(outcome.batch_size, outcome), model=model)
 
