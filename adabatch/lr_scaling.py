@@ -5,7 +5,8 @@ A rule maps the ratio ``batch_size / reference_batch_size`` to a factor on the l
 :class:`LRFactorHook` multiplies every parameter group's ``lr`` by the factor just before
 ``optimizer.step()`` runs and puts the original value back as soon as it returns (or raises),
 so the user's own LR scheduler only ever reads and writes the unscaled value and keeps working
-unchanged (the same approach as pytorch_warmup's dampening).
+unchanged (the same approach as pytorch_warmup's dampening). :class:`PlannedFactor` joins the
+two to the plan of batches: each step runs with the factor of the batch coming in the plan.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 
 from ._validation import check_non_negative_int, check_positive_int, is_integer, is_real
 from .noise import is_adam_family
+from .plan import BatchPlan, PlannedBatch
 from .schedules.base import Progress
 
-__all__ = ["LR_SCALING_RULES", "AppliedFactor", "LRFactor", "LRFactorHook", "LRScaling", "resolve_lr_scaling"]
+__all__ = ["LR_SCALING_RULES", "AppliedFactor", "LRFactor", "LRFactorHook", "LRScaling", "PlannedFactor",
+           "resolve_lr_scaling"]
 
 #: A rule: a callable from the batch-size ratio to a learning-rate factor.
 LRScalingFn = Callable[[float], float]
@@ -232,7 +235,7 @@ class LRFactorHook:
             warnings.warn(
                 f"{type(optimizer).__name__} already had its learning rate scaled by another BatchSizeScheduler; "
                 f"the new scheduler replaces it, and the old one no longer scales anything", UserWarning,
-                stacklevel=4)
+                stacklevel=5)  # the user's BatchSizeScheduler(...), through PlannedFactor and __init__
         if previous is None:
             _wrap_step(optimizer)
         optimizer.__dict__[self.ATTRIBUTE] = self
@@ -259,6 +262,67 @@ class LRFactorHook:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._install()
+
+
+class PlannedFactor:
+    """The learning-rate factor of the plan's batches: applied to each ``optimizer.step()``,
+    taken back when the step is counted, and warmed up after a change of batch size.
+
+    A step runs with the factor of the batch the plan has coming when ``optimizer.step()`` is
+    called, applied by an :class:`LRFactorHook`. The hook hands the factor back with the batch
+    it was computed for, so the step is counted as the batch it trained, not one decided again.
+
+    Args:
+        optimizer (Optimizer): the wrapped optimizer.
+        lr (LRFactor): the factor of a batch.
+        plan (BatchPlan): the batches drawn, and the steps counted.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: LRFactor, plan: BatchPlan) -> None:
+        self.optimizer = optimizer
+        self.lr = lr
+        self.plan = plan
+        self._last_lrs: list[float] | None = None
+        self._hook = LRFactorHook(optimizer, self.coming)
+
+    def coming(self) -> tuple[float, tuple[int, PlannedBatch]]:
+        """The factor of the coming step, with the position it follows and the batch there."""
+        position = self.plan.position
+        batch = self.plan.batch_at(position)
+        return self.lr(batch.target, self.plan.steps), (position, batch)
+
+    def coming_lrs(self) -> list[float]:
+        """Every parameter group's learning rate times the coming factor."""
+        factor = self.coming()[0]
+        return [float(group["lr"]) * factor for group in self.optimizer.param_groups]
+
+    def last_lrs(self) -> list[float]:
+        """The effective learning rates of the last counted step (before the first:
+        :meth:`coming_lrs`)."""
+        return list(self._last_lrs) if self._last_lrs is not None else self.coming_lrs()
+
+    def take_step(self) -> tuple[PlannedBatch, float]:
+        """The batch the step being counted trained and the factor it ran with; call it before
+        the plan advances. A step the optimizer skipped (a GradScaler's) is counted as the
+        coming batch, with the coming factor."""
+        position = self.plan.position
+        applied = self._hook.take_applied()
+        if applied is not None and applied.context[0] == position:
+            batch = applied.context[1]
+        else:
+            batch = self.plan.batch_at(position)
+        if applied is None:
+            factor, self._last_lrs = self.coming()[0], self.coming_lrs()
+        else:
+            factor, self._last_lrs = applied.factor, applied.effective_lrs
+        return batch, factor
+
+    def after_step(self, trained: PlannedBatch, factor_used: float) -> None:
+        """Start a warm-up if the batch coming after ``trained`` has another target
+        (:meth:`LRFactor.after_step`); call it once the plan has advanced."""
+        if self.lr.warmup_steps:
+            self.lr.after_step(trained.target, self.plan.batch_at(self.plan.position).target, factor_used,
+                               self.plan.steps)
 
 
 def _wrap_step(optimizer: torch.optim.Optimizer) -> None:

@@ -24,7 +24,7 @@ from .distributed import Collective, RankAgreement
 from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from . import checkpoint
-from .lr_scaling import LRFactor, LRFactorHook, LRScaling
+from .lr_scaling import LRFactor, LRScaling, PlannedFactor
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
 from .noise import DEFAULT_EMA_DECAY
@@ -158,8 +158,7 @@ class BatchSizeScheduler:
         self.plan = BatchPlan(self.target_at)
         self._training_step = TrainingStep(optimizer, self.constraints, self.memory, self.agreement,
                                            self.noise_meter, self.noise_sampling)
-        self._last_lrs: list[float] | None = None
-        self._hook = LRFactorHook(optimizer, self._hook_factor)
+        self._factor = PlannedFactor(optimizer, self.lr, self.plan)
 
     # ----------------------------------------------------------------- binding
     dataset_size = property(attrgetter("constraints.dataset_size"), doc="Samples per epoch (``None`` until known).")
@@ -227,14 +226,7 @@ class BatchSizeScheduler:
     @property
     def lr_factor(self) -> float:
         """The factor the coming optimizer step multiplies every learning rate by."""
-        return self._hook_factor()[0]
-
-    def _hook_factor(self) -> tuple[float, tuple[int, PlannedBatch]]:
-        """:attr:`lr_factor`, with the batch it was computed for, which :meth:`step` then
-        counts without deciding it again."""
-        position = self.plan.position
-        batch = self.plan.batch_at(position)
-        return self.lr(batch.target, self.plan.steps), (position, batch)
+        return self._factor.coming()[0]
 
     # ---------------------------------------------------------------- progress
     samples_seen = property(attrgetter("plan.samples_seen"), doc="Samples trained on so far (global).")
@@ -259,11 +251,7 @@ class BatchSizeScheduler:
     def get_last_lr(self) -> list[float]:
         """Effective learning rate of each parameter group in the last counted step (before
         the first: the current learning rates times :attr:`lr_factor`)."""
-        return list(self._last_lrs) if self._last_lrs is not None else self._coming_lrs()
-
-    def _coming_lrs(self) -> list[float]:
-        factor = self.lr_factor
-        return [float(group["lr"]) * factor for group in self.optimizer.param_groups]
+        return self._factor.last_lrs()
 
     def step(self, batch_size: int | None = None) -> None:
         """Count one optimizer step.
@@ -282,26 +270,17 @@ class BatchSizeScheduler:
     def _count(self, batch_size: int | None, outcome: StepOutcome | None) -> None:
         """Count a trained batch of ``batch_size`` samples on this rank (default: as planned),
         with what :meth:`train_step` did, if it trained it."""
-        position = self.plan.position
-        applied = self._hook.take_applied()  # None for a step the optimizer skipped (a GradScaler's)
-        if applied is not None and applied.context[0] == position:
-            batch = applied.context[1]
-        else:
-            batch = self.plan.batch_at(position)
+        batch, factor_used = self._factor.take_step()
         consumed = batch.size if batch_size is None else batch_size * self.num_replicas
-        factor_used, self._last_lrs = ((self.lr_factor, self._coming_lrs()) if applied is None
-                                       else (applied.factor, applied.effective_lrs))
         self.plan.advance(batch.start, consumed, planned=batch.size)
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
         self.agreement.apply_memory_cap(self.memory, self.constraints)
         self.signals.after_step(batch, consumed, local, self.plan.position,
                                 noise_handled=outcome is not None and outcome.noise_handled)
-        if self.lr.warmup_steps:
-            self.lr.after_step(batch.target, self.plan.batch_at(self.plan.position).target, factor_used,
-                               self.plan.steps)
+        self._factor.after_step(batch, factor_used)
         if self.logger is not None:
-            self._log(batch, consumed, factor_used, self._last_lrs)
+            self._log(batch, consumed, factor_used, self._factor.last_lrs())
 
     def _log(self, batch: PlannedBatch, consumed: int, factor_used: float, lrs: list[float]) -> None:
         values = {"batch_size": consumed, "target_batch_size": batch.target, "lr_factor": factor_used}
