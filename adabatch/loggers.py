@@ -12,9 +12,12 @@ axis, because tensorboard's pure-Python event writer checksums every event and o
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ._validation import check_positive_int
+
+if TYPE_CHECKING:
+    from .plan import PlannedBatch
 
 __all__ = ["TensorBoardLogger", "STEP_PREFIX", "SAMPLES_PREFIX"]
 
@@ -89,6 +92,19 @@ class TensorBoardLogger:
         by_step[f"{STEP_PREFIX}/samples_seen"] = float(samples_seen)
         self._write(by_step, step)
         self._write({f"{SAMPLES_PREFIX}/{name}": value for name, value in scalars.items()}, samples_seen)
+
+    def log_batch(self, step: int, samples_seen: int, batch: PlannedBatch, consumed: int, lr_factor: float,
+                  lrs: list[float], dataset_size: int | None = None, sources: Iterable[Any] = ()) -> None:
+        """Write the step that trained ``batch``: its ``batch_size`` (``consumed``, the samples
+        it trained on), ``target_batch_size``, ``lr_factor``, the ``epoch`` it started at (once
+        ``dataset_size`` is known), and the ``scalars()`` of each of ``sources`` (the memory cap,
+        the noise scale); the rest as :meth:`log_step`."""
+        values = {"batch_size": consumed, "target_batch_size": batch.target, "lr_factor": lr_factor}
+        if dataset_size is not None:
+            values["epoch"] = batch.start / dataset_size
+        for source in sources:
+            values.update(source.scalars())
+        self.log_step(step, samples_seen, values, lrs)
 
     def _write(self, scalars: Mapping[str, float], step: int) -> None:
         file_writer = getattr(self.writer, "_get_file_writer", None)

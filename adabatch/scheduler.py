@@ -28,7 +28,7 @@ from .lr_scaling import LRFactor, LRScaling, PlannedFactor
 from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
 from .micro_batches import Batch, batch_length
 from .noise import DEFAULT_EMA_DECAY
-from .plan import BatchPlan, PlannedBatch
+from .plan import BatchPlan
 from .schedules import Progress, Schedule, ScheduleFn, as_schedule
 from .signals import StepSignals
 from .training_step import StepOutcome, TrainingStep
@@ -280,16 +280,8 @@ class BatchSizeScheduler:
                                 noise_handled=outcome is not None and outcome.noise_handled)
         self._factor.after_step(batch, factor_used)
         if self.logger is not None:
-            self._log(batch, consumed, factor_used, self._factor.last_lrs())
-
-    def _log(self, batch: PlannedBatch, consumed: int, factor_used: float, lrs: list[float]) -> None:
-        values = {"batch_size": consumed, "target_batch_size": batch.target, "lr_factor": factor_used}
-        if self.dataset_size is not None:
-            values["epoch"] = batch.start / self.dataset_size
-        values.update(self.memory.scalars())
-        if self.noise_meter is not None:
-            values.update(self.noise_meter.noise.scalars())
-        self.logger.log_step(self.plan.steps - 1, self.plan.samples_seen - consumed, values, lrs)
+            self.logger.log_batch(self.plan.steps - 1, self.plan.samples_seen - consumed, batch, consumed, factor_used,
+                                  self._factor.last_lrs(), self.dataset_size, (self.memory, self.signals))
 
     def add_memory_measurements(self, peaks: Mapping[int, int]) -> int | None:
         """Learn the memory cap from peaks measured before training (``{micro_batch_size:

@@ -76,6 +76,10 @@ class StepSignals:
         the noise scale."""
         return self.noise_meter is not None and self.noise_sampling.due(start, consumed)
 
+    def scalars(self) -> dict[str, float]:
+        """The noise scale's values for TensorBoard (none if it is not measured)."""
+        return {} if self.noise_meter is None else self.noise_meter.noise.scalars()
+
     def after_step(self, batch: PlannedBatch, consumed: int, local: int, position: int,
                    noise_handled: bool = False) -> None:
         """Take the signals of the step that trained ``batch``, and feed them to the schedule.
