@@ -25,7 +25,7 @@ from .layout import EpochLayout
 from .loggers import TensorBoardLogger
 from . import checkpoint
 from .lr_scaling import LRFactor, LRScaling, PlannedFactor
-from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, default_memory_device
+from .memory import DEFAULT_SAFETY_MARGIN, MemoryCap, MemoryDevice, memory_device
 from .micro_batches import Batch, batch_length
 from .noise import DEFAULT_EMA_DECAY
 from .plan import BatchPlan
@@ -145,9 +145,7 @@ class BatchSizeScheduler:
             lr_scaling = self.schedule.default_lr_scaling
         self._expected_dataset_size: int | None = None
         self.logger = TensorBoardLogger(writer, log_every) if writer is not None else None
-        if isinstance(memory, str) and memory != "auto":
-            raise ValueError(f"memory must be a MemoryDevice, 'auto' or None, got {memory!r}")
-        self.memory = MemoryCap(default_memory_device(optimizer) if memory == "auto" else memory, safety_margin)
+        self.memory = MemoryCap(memory_device(memory, optimizer), safety_margin)
         self.agreement = RankAgreement(collective)
         if measure_noise is None:
             measure_noise = self.schedule.needs_noise or lr_scaling == "gain"

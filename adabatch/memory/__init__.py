@@ -37,6 +37,7 @@ from .devices import (
     catch_out_of_memory,
     default_memory_device,
     is_out_of_memory,
+    memory_device,
 )
 from .probe import DEFAULT_MAX_PROBE_STEPS, PROBE_TOLERANCE, ProbeResult, measure_step, probe_memory
 
@@ -59,6 +60,7 @@ __all__ = [
     "default_memory_device",
     "is_out_of_memory",
     "measure_step",
+    "memory_device",
     "probe_memory",
 ]
 

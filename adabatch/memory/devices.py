@@ -24,6 +24,7 @@ __all__ = [
     "catch_out_of_memory",
     "default_memory_device",
     "is_out_of_memory",
+    "memory_device",
 ]
 
 logger = logging.getLogger("adabatch")
@@ -151,6 +152,18 @@ def default_memory_device(optimizer: torch.optim.Optimizer) -> MemoryDevice | No
                 return CudaMemory(parameter.device)
     logger.info("adabatch: the parameters are not on a CUDA device; the batch size is not capped by memory")
     return None
+
+
+def memory_device(memory: MemoryDevice | str | None, optimizer: torch.optim.Optimizer) -> MemoryDevice | None:
+    """The device a ``memory`` argument names: ``"auto"`` for :func:`default_memory_device`,
+    else ``memory`` itself (a :class:`MemoryDevice`, or ``None`` for no memory capping).
+
+    Raises:
+        ValueError: if ``memory`` is a string other than ``"auto"``.
+    """
+    if isinstance(memory, str) and memory != "auto":
+        raise ValueError(f"memory must be a MemoryDevice, 'auto' or None, got {memory!r}")
+    return default_memory_device(optimizer) if memory == "auto" else memory
 
 
 def accelerator_memory() -> CudaMemory | None:
