@@ -134,8 +134,6 @@ class BatchSizeScheduler:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not (isinstance(schedule, Schedule) or callable(schedule)):
-            raise TypeError(f"schedule must be a Schedule or a callable, got {type(schedule).__name__}")
         self.optimizer = optimizer
         self.schedule = as_schedule(schedule)
         self.constraints = BatchSizeConstraints(min_batch_size, max_batch_size, multiple_of, accumulate,

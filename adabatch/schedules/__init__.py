@@ -17,7 +17,13 @@ __all__ = ["Adaptive", "Constant", "Geometric", "Lambda", "Linear", "Progress", 
 
 
 def as_schedule(schedule: Schedule | ScheduleFn) -> Schedule:
-    """Return ``schedule`` itself if it is a :class:`Schedule`, else wrap the callable in :class:`Lambda`."""
+    """Return ``schedule`` itself if it is a :class:`Schedule`, else wrap the callable in :class:`Lambda`.
+
+    Raises:
+        TypeError: if ``schedule`` is neither a :class:`Schedule` nor callable.
+    """
     if isinstance(schedule, Schedule):
         return schedule
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a Schedule or a callable, got {type(schedule).__name__}")
     return Lambda(schedule)
