@@ -2,7 +2,7 @@
 training step, the memory cap, the noise scale and the logging together.
 
 Each idea lives in its own module: :mod:`~adabatch.plan` (which batch follows which position,
-and progress), :mod:`~adabatch.lr_scaling` (the factor and its optimizer hook),
+and progress), :mod:`~adabatch.lr_scaling` (each step's factor and its optimizer hook),
 :mod:`~adabatch.training_step` (micro-batches and out-of-memory retry), :mod:`~adabatch.noise`
 (the noise scale and which steps measure it), :mod:`~adabatch.throughput` (step times),
 :mod:`~adabatch.signals` (what is measured after each step, and the schedule fed with it),
@@ -250,9 +250,7 @@ class BatchSizeScheduler:
         return self._factor.last_lrs()
 
     def step(self, batch_size: int | None = None) -> None:
-        """Count one optimizer step.
-
-        Call it after ``optimizer.step()``, once per batch.
+        """Count one optimizer step; call it after ``optimizer.step()``, once per batch.
 
         Args:
             batch_size (int, optional): samples this process trained on in the step,
