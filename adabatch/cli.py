@@ -37,12 +37,18 @@ DEFAULT_PLOT_NAME = "adabatch.png"
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _failed(command: str, error: Exception, status: int) -> int:
+    """Say on stderr what went wrong, as argparse words its own errors, and return ``status``."""
+    print(f"adabatch {command}: error: {error}", file=sys.stderr)
+    return status
+
+
 def _configured(command: str, make_config: Callable[[], Any]) -> Any:
     """The command's config, or ``None`` after saying on stderr which value is wrong."""
     try:
         return make_config()
     except ValueError as error:
-        print(f"adabatch {command}: error: {error}", file=sys.stderr)
+        _failed(command, error, 2)
         return None
 
 
@@ -61,8 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         result = run_demo(config)
     except MissingExtrasError as error:
-        print(f"adabatch demo: error: {error}", file=sys.stderr)
-        return 1
+        return _failed("demo", error, 1)
     print(json.dumps(result.to_dict()) if args.json else format_summary(result))
     return 0
 
@@ -115,8 +120,7 @@ def _probe(args: argparse.Namespace) -> int:
     try:
         report = run_probe(config)
     except (BatchSizeFloorError, ValueError) as error:
-        print(f"adabatch probe: error: {error}", file=sys.stderr)
-        return 1
+        return _failed("probe", error, 1)
     if report is None:
         message = ("no CUDA device to probe on this machine; describe a simulated one with --fake-capacity "
                    "and --fake-per-sample")
@@ -161,11 +165,9 @@ def _plot(args: argparse.Namespace) -> int:
         runs = read_runs(args.run_dirs)
         drawn = plot_runs(runs, output, dpi=args.dpi)
     except ValueError as error:  # a folder without curves (NoCurvesError), a bad -o or --dpi
-        print(f"adabatch plot: error: {error}", file=sys.stderr)
-        return 2
+        return _failed("plot", error, 2)
     except (MissingExtrasError, OSError) as error:
-        print(f"adabatch plot: error: {error}", file=sys.stderr)
-        return 1
+        return _failed("plot", error, 1)
     print(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''}: {', '.join(run.label for run in runs)})")
     not_drawn = [quantity.title for quantity in QUANTITIES if quantity.title not in drawn]
     if not_drawn:

@@ -217,6 +217,19 @@ def test_train_step_gives_fsdp_its_settings_back(one_rank: None) -> None:
     assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter resharded"
 
 
+def in_micro_batches_of_16(model: nn.Module) -> BatchSizeScheduler:
+    """A scheduler for batches of 32 on a simulated device where 20 samples fit, the cap measured
+    before training: every step trains in two micro-batches of 16."""
+    from adabatch.testing import FakeMemory
+
+    memory = FakeMemory(capacity=1_000_000 + 20 * 40_000, fixed=1_000_000, per_sample=40_000)
+    memory.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), min_batch_size=8, memory=memory, accumulate=True)
+    scheduler.add_memory_measurements({8: memory.peak_for(8), 16: memory.peak_for(16)})
+    return scheduler
+
+
 @pytest.mark.parametrize("reduce_dtype", [None, torch.float64])
 def test_a_retried_step_keeps_nothing_of_the_failed_one(one_rank: None, reduce_dtype: torch.dtype | None) -> None:
     """An out-of-memory error in the second micro-batch, after the first one's gradient was
@@ -224,19 +237,12 @@ def test_a_retried_step_keeps_nothing_of_the_failed_one(one_rank: None, reduce_d
     the retried step gives the weights of a step that never failed."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from adabatch.testing import FakeMemory
-
     weights = []
     for fail in (False, True):
         model = worker.mlp()
         for layer in [*model[::2], model]:
             fully_shard(layer, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
-        memory = FakeMemory(capacity=1_000_000 + 20 * 40_000, fixed=1_000_000, per_sample=40_000)  # 20 fit
-        memory.attach(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), min_batch_size=8, memory=memory,
-                                       accumulate=True)
-        scheduler.add_memory_measurements({8: memory.peak_for(8), 16: memory.peak_for(16)})
+        scheduler = in_micro_batches_of_16(model)
         forwards = []
 
         def fail_second(_module: nn.Module, _inputs: tuple) -> None:
@@ -257,19 +263,12 @@ def test_an_error_inside_a_step_propagates_and_leaves_nothing_for_the_next(one_r
     """An error that is not out of memory, raised in the second micro-batch's forward pass (the
     first one's gradient accumulated), reaches the caller as it is; the next step trains as if
     the failed one had never started."""
-    from adabatch.testing import FakeMemory
-
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     batch = (x, (x[:, 0] > 0).long())
     weights = []
     for fail in (False, True):
         model = worker.sharded(worker.mlp())
-        memory = FakeMemory(capacity=1_000_000 + 20 * 40_000, fixed=1_000_000, per_sample=40_000)  # 20 fit
-        memory.attach(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), min_batch_size=8, memory=memory,
-                                       accumulate=True)
-        scheduler.add_memory_measurements({8: memory.peak_for(8), 16: memory.peak_for(16)})
+        scheduler = in_micro_batches_of_16(model)
         forwards = []
 
         def broken(_module: nn.Module, _inputs: tuple) -> None:
