@@ -291,9 +291,10 @@ class PlannedFactor:
         batch = self.plan.batch_at(position)
         return self.lr(batch.target, self.plan.steps), (position, batch)
 
-    def coming_lrs(self) -> list[float]:
-        """Every parameter group's learning rate times the coming factor."""
-        factor = self.coming()[0]
+    def coming_lrs(self, factor: float | None = None) -> list[float]:
+        """Every parameter group's learning rate times ``factor`` (default: the coming factor)."""
+        if factor is None:
+            factor = self.coming()[0]
         return [float(group["lr"]) * factor for group in self.optimizer.param_groups]
 
     def last_lrs(self) -> list[float]:
@@ -312,7 +313,8 @@ class PlannedFactor:
         else:
             batch = self.plan.batch_at(position)
         if applied is None:
-            factor, self._last_lrs = self.coming()[0], self.coming_lrs()
+            factor = self.coming()[0]
+            self._last_lrs = self.coming_lrs(factor)
         else:
             factor, self._last_lrs = applied.factor, applied.effective_lrs
         return batch, factor
