@@ -35,6 +35,20 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
 
 
+def fail_once_on_rank_1(model: nn.Module, scheduler: BatchSizeScheduler, rank: int) -> list[bool]:
+    """Make rank 1's forward pass run out of memory once, at optimizer step 5; returns the list
+    that holds ``True`` once it has."""
+    fired: list[bool] = []
+
+    def fail_once(_module: nn.Module, _inputs: tuple) -> None:
+        if rank == 1 and scheduler.steps == 5 and not fired:
+            fired.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected on rank 1)")
+
+    model.register_forward_pre_hook(fail_once)
+    return fired
+
+
 def main(scenario: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -64,14 +78,7 @@ def main(scenario: str, out_dir: str) -> None:
     effective: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, *_: effective.append(opt.param_groups[0]["lr"]))
     if scenario == "oom":
-        fired = []
-
-        def fail_once(_module: nn.Module, _inputs: tuple) -> None:
-            if rank == 1 and scheduler.steps == 5 and not fired:
-                fired.append(True)
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected on rank 1)")
-
-        net.register_forward_pre_hook(fail_once)
+        fail_once_on_rank_1(net, scheduler, rank)
     record: dict = {"rank": rank, "world_size": world_size, "steps": [], "indices": []}
     epochs = int(os.environ.get("EPOCHS", "2"))
     stop_after = int(os.environ.get("STOP_AFTER", "0"))

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
-from distributed_worker import DATASET_SIZE, dataset  # noqa: E402
+from distributed_worker import DATASET_SIZE, dataset, fail_once_on_rank_1  # noqa: E402
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules  # noqa: E402
 from adabatch.testing import FakeMemory  # noqa: E402
@@ -177,14 +177,7 @@ def out_of_memory(rank: int) -> dict[str, Any]:
     scheduler = BatchSizeScheduler(optimizer, schedules.Step(start=32, factor=4, milestones=[1]),
                                    min_batch_size=MIN_BATCH_SIZE, lr_scaling="linear", memory=memory, accumulate=True,
                                    measure_noise=True, noise_interval=128)
-    fired = []
-
-    def fail_once(_module: nn.Module, _inputs: tuple) -> None:
-        if rank == 1 and scheduler.steps == 5 and not fired:
-            fired.append(True)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected on rank 1)")
-
-    model.register_forward_pre_hook(fail_once)
+    fired = fail_once_on_rank_1(model, scheduler, rank)
     record = train(model, scheduler, optimizer, wrapped=model, plain=False)
     record["out_of_memory_errors"] = memory.out_of_memory_errors + len(fired)
     return record
