@@ -816,3 +816,27 @@ def test_a_loop_that_clips_measures_the_noise_of_the_gradients_backward_computed
     # built from the clipped gradients (each step clipped by its own factor), so the update the
     # optimizer takes, which the noise scale measures, differs by a few percent itself.
     assert clipped == pytest.approx(unclipped, rel=tolerance)
+
+
+def test_backward_norms_watch_a_parameter_the_last_step_trained() -> None:
+    """One hook, on a parameter that has a gradient when the recording is armed: a model whose
+    first parameter gets no gradient is still recorded, and the factor undoes the clipping."""
+    from adabatch.noise.backward_norms import BackwardNorms
+
+    unused, layer = nn.Linear(4, 4), nn.Linear(4, 1)  # `unused` takes no part in the loss
+    parameters = list(unused.parameters()) + list(layer.parameters())
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()
+    norms = BackwardNorms(parameters)
+    norms.armed = False
+    norms.armed = True  # after a step that trained `layer` only
+    for p in parameters:
+        p.grad = None
+    layer(x).square().sum().backward()
+    full = math.sqrt(sum(p.grad.square().sum().item() for p in layer.parameters()))
+    torch.nn.utils.clip_grad_norm_(parameters, full / 4)
+    assert norms.unclip_factor() == pytest.approx(4.0, rel=1e-5)
+    assert norms.unclip_factor() == 1.0, "the record is used once"
+    norms.armed = False
+    layer(x).sum().backward()
+    assert norms.unclip_factor() == 1.0, "nothing is recorded while disarmed"
