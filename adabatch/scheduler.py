@@ -45,11 +45,10 @@ class BatchSizeScheduler:
     drawn (:mod:`adabatch.plan`), so a batch prefetched by DataLoader workers, the learning-rate
     factor and a resumed run all see the size it was drawn with.
 
-    Every parameter group's learning rate is multiplied by :attr:`lr_factor` for the duration
-    of each ``optimizer.step()`` and restored right after, so a ``torch.optim.lr_scheduler`` on
-    the same optimizer keeps working: the effective learning rate is its learning rate times
-    the factor (see :mod:`adabatch.lr_scaling`). The factor follows the scheduled (target) size,
-    so the balanced batches that end an epoch, a little smaller, keep the target's factor.
+    Every learning rate is multiplied by :attr:`lr_factor` only during ``optimizer.step()``, so
+    a ``torch.optim.lr_scheduler`` on the same optimizer keeps working: the effective learning
+    rate is its learning rate times the factor (:mod:`adabatch.lr_scaling`). The factor follows
+    the scheduled size, which the balanced batches that end an epoch, a little smaller, keep.
 
     Args:
         optimizer (Optimizer): the wrapped optimizer.
@@ -161,13 +160,10 @@ class BatchSizeScheduler:
     num_replicas = property(attrgetter("constraints.num_replicas"), doc="Replicas each global batch is split over.")
     lr_scaling = property(attrgetter("lr.lr_scaling"), doc="The rule the learning-rate factor follows.")
     collective = property(attrgetter("agreement.collective"), doc="How the ranks agree (``None`` on one process).")
-    layout = property(attrgetter("plan.layout"),
-                      doc="How the bound dataset's epochs are cut into batches (``None`` before a sampler binds).")
-    noise_meter = property(attrgetter("signals.noise_meter"),
-                           doc="Measures the gradient noise scale (``None`` if it is not measured).")
+    layout = property(attrgetter("plan.layout"), doc="How the epochs are cut into batches (``None`` until bound).")
+    noise_meter = property(attrgetter("signals.noise_meter"), doc="The noise scale's meter (``None`` if unmeasured).")
     noise_sampling = property(attrgetter("signals.noise_sampling"), doc="Which steps measure the noise scale.")
-    step_times = property(attrgetter("signals.step_times"),
-                          doc="Seconds per step at each batch size (``None`` unless the schedule needs them).")
+    step_times = property(attrgetter("signals.step_times"), doc="Seconds per step by size (``None`` if unneeded).")
 
     def bind(self, dataset_size: int, num_replicas: int = 1, remainder: str = "balance") -> EpochLayout:
         """Learn the dataset and how it is cut into batches; called by :class:`~adabatch.AdaptiveBatchSampler`.
@@ -200,8 +196,8 @@ class BatchSizeScheduler:
         return self.constraints.apply(self.schedule(Progress(samples=position, dataset_size=self.dataset_size)))
 
     def next_batch(self, position: int) -> tuple[int, int]:
-        """``(start, size)`` of the global batch that follows stream ``position``: the one the
-        sampler drew there, if it did, else the one it would draw now."""
+        """``(start, size)`` of the global batch after stream ``position``: the one the sampler
+        drew there, or else the one it would draw now."""
         return self.plan.batch_at(position)[:2]
 
     def draw(self, position: int) -> tuple[int, int]:
@@ -214,10 +210,8 @@ class BatchSizeScheduler:
         """Global size of the coming batch."""
         return self.plan.batch_at(self.plan.position).size
 
-    reference_batch_size = property(attrgetter("lr.reference_batch_size"),
-                                    doc="The batch size at which the learning-rate factor is 1.")
-    warmup_steps = property(attrgetter("lr.warmup_steps"),
-                            doc="Steps over which the factor moves after a change of batch size.")
+    reference_batch_size = property(attrgetter("lr.reference_batch_size"), doc="Where the LR factor is 1.")
+    warmup_steps = property(attrgetter("lr.warmup_steps"), doc="Steps the factor takes to move after a change.")
 
     @property
     def lr_factor(self) -> float:
@@ -294,10 +288,10 @@ class BatchSizeScheduler:
 
         The batch is split into as few micro-batches as the memory cap allows, none below
         ``min_batch_size``, each loss weighted by its share so the accumulated gradient is the
-        batch's mean gradient (BatchNorm sees each micro-batch's own statistics: ghost batch
-        norm, Hoffer et al. 2017). After an out-of-memory error the cap is lowered and the SAME
-        batch is tried again in smaller micro-batches: the optimizer steps once per batch and
-        no sample is skipped or counted twice (see :class:`~adabatch.training_step.TrainingStep`).
+        batch's mean gradient (BatchNorm sees each micro-batch's own statistics). After an
+        out-of-memory error the cap is lowered and the SAME batch is tried again in smaller
+        micro-batches: the optimizer steps once per batch and no sample is skipped or counted
+        twice (:class:`~adabatch.training_step.TrainingStep`).
 
         Args:
             batch: what the DataLoader yields: a tensor, or tuples, lists, named tuples and
@@ -307,15 +301,12 @@ class BatchSizeScheduler:
             scaler (torch.amp.GradScaler, optional): scales the loss for mixed precision and
                 steps the optimizer. Default: none.
             no_sync (callable, optional): a ``DistributedDataParallel`` model's ``no_sync``:
-                backward passes then run without DDP's all-reduce, and once every rank has
-                finished (or ran out of memory, so all retry together) train_step averages the
-                gradients itself. Without it a rank out of memory in its forward pass would
-                leave the others waiting in backward. Default: none.
+                backward runs without DDP's all-reduce and, once every rank has finished (or
+                ran out of memory, so all retry together), the gradients are averaged. Default: none.
             model (DistributedDataParallel or FSDPModule, optional): the wrapped model whose
-                gradient synchronisation the step takes over: a ``DistributedDataParallel``
-                model stands for ``no_sync=model.no_sync``; an FSDP2 root module (the module
-                ``fully_shard`` was applied to last) is required when the optimizer's
-                parameters are sharded (see docs/distributed.md). Default: none.
+                gradient synchronisation the step takes over: a DDP model stands for
+                ``no_sync=model.no_sync``; the FSDP2 root module is required when the
+                optimizer's parameters are sharded (docs/distributed.md). Default: none.
 
         Returns:
             the batch's mean loss (detached, on the loss's device).
@@ -324,10 +315,6 @@ class BatchSizeScheduler:
             BatchSizeFloorError: if a micro-batch of ``min_batch_size`` samples runs out of memory.
             ValueError: if the batch's tensors disagree on the number of samples (before
                 anything trains).
-
-        Example:
-            >>> for x, y in loader:
-            ...     scheduler.train_step((x, y), lambda b: F.cross_entropy(model(b[0]), b[1]))
         """
         batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
         measure = self.signals.measures(self.plan.position, batch_size * self.num_replicas)
