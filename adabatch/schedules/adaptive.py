@@ -63,8 +63,8 @@ class Adaptive(Schedule):
     already prefetched by DataLoader workers keep the size they were drawn with.
 
     Args:
-        start (int, optional): the size before the first decision: the batch size you would
-            train with. Default: :data:`DEFAULT_START` (16).
+        start (int, optional): the size before the first decision: a small batch, at most the
+            one you would train with. Default: :data:`DEFAULT_START` (16).
         signal (str): ``"noise_scale"`` or ``"norm_test"``. Default: ``"noise_scale"``.
         theta (float): the norm test's ``θ``. Default: 0.9.
         extra_samples (float): in ``[0, 1)``, the largest fraction of samples growth may cost
