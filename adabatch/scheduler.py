@@ -313,8 +313,10 @@ class BatchSizeScheduler:
 
         Raises:
             BatchSizeFloorError: if a micro-batch of ``min_batch_size`` samples runs out of memory.
-            ValueError: if the batch's tensors disagree on the number of samples (before
-                anything trains).
+            ValueError: if the batch's tensors disagree on the number of samples, or if
+                ``model`` does not fit the optimizer or the other arguments (before anything trains).
+            TypeError: if ``model`` is neither a DDP nor an FSDP2 model.
+            RuntimeError: if the batch is split over ranks without a collective to agree over them.
         """
         batch_size = batch_length(batch)  # refuses a batch whose tensors disagree, before anything trains
         measure = self.signals.measures(self.plan.position, batch_size * self.num_replicas)
