@@ -105,6 +105,12 @@ def write(records: list[dict[str, Any]], out: Path, header: str) -> None:
     out.write_text("\n\n".join(sections) + "\n")
 
 
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write ``records`` to ``path`` as JSON lines, one per record, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """The records in the JSON-lines files ``paths``, in order.
 
@@ -162,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{sum(r['wall_s'] for r in records) / 60:.0f} min of training wall time, "
                   f"{sum(r['cpu_s'] for r in records) / 60:.0f} min of CPU time.")
         if args.out is not None and args.out.with_suffix(".jsonl") not in args.report:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_records(args.out.with_suffix(".jsonl"), records)
     else:
         torch.set_num_threads(args.threads)
         begin = time.perf_counter()
@@ -177,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         records = read_records([lines]) if args.resume and lines.exists() else []
         resumed = len(records)
         if lines is not None:
-            lines.parent.mkdir(parents=True, exist_ok=True)
-            lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_records(lines, records)
 
         def emit(r: dict[str, Any]) -> None:
             print(json.dumps(r) if args.json else _progress_line(r), flush=True)
