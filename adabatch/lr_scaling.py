@@ -313,7 +313,7 @@ class PlannedFactor:
         else:
             batch = self.plan.batch_at(position)
         if applied is None:
-            factor = self.coming()[0]
+            factor = self.lr(batch.target, self.plan.steps)  # the coming factor, of this batch
             self._last_lrs = self.coming_lrs(factor)
         else:
             factor, self._last_lrs = applied.factor, applied.effective_lrs
