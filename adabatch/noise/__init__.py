@@ -11,7 +11,9 @@ of two mean gradients over batches of ``B_small < B_big`` samples of the same st
 
 Each estimate is unbiased but very noisy (single steps swing by orders of magnitude), so each
 is smoothed with its own bias-corrected exponential moving average, and ``B_simple`` is the ratio
-of the averages, never an average of ratios.
+of the averages, never an average of ratios. The spread of the raw estimates gives each average
+its standard error (:attr:`NoiseScale.standard_errors`): where ``|G|²``'s is as large as half of
+it, ``B_simple`` is not resolved.
 
 Where the two batches come from:
 

@@ -60,6 +60,9 @@ class NoiseScale:
     def __init__(self, decay: float = DEFAULT_EMA_DECAY) -> None:
         self._grad_sqr = BiasCorrectedEMA(decay)
         self._grad_var = BiasCorrectedEMA(decay)
+        # The averages of the raw estimates' squares: their spread, hence each average's error.
+        self._grad_sqr_squares = BiasCorrectedEMA(decay)
+        self._grad_var_squares = BiasCorrectedEMA(decay)
         self.last_grad_sqr = math.nan  # the raw per-step estimates, for logging
         self.last_grad_var = math.nan
 
@@ -84,6 +87,8 @@ class NoiseScale:
         self.last_grad_sqr, self.last_grad_var = grad_sqr, grad_var
         self._grad_sqr.update(grad_sqr)
         self._grad_var.update(grad_var)
+        self._grad_sqr_squares.update(grad_sqr * grad_sqr)
+        self._grad_var_squares.update(grad_var * grad_var)
         return True
 
     @property
@@ -112,16 +117,52 @@ class NoiseScale:
             return math.inf
         return max(grad_var, 0.0) / grad_sqr
 
+    @property
+    def standard_errors(self) -> tuple[float, float]:
+        """The standard errors of the smoothed ``|G|²`` and ``tr(Σ)``: how far each average may
+        be from the value it estimates. Where ``|G|²``'s error is as large as half of it, the
+        noise scale is not resolved (the true ``|G|²`` may be near zero, and ``B_simple``
+        anything above a few times the estimate).
+
+        Each is the error of a weighted mean of independent estimates: the raw estimates'
+        spread (their averaged squares less the squared average, made unbiased for the weights)
+        times ``Σw² / (Σw)²``, which the decay ``β`` after ``n`` measurements makes
+        ``(1 - β)(1 + βⁿ) / ((1 + β)(1 - βⁿ))``: 1 after one measurement, 0.026 after many at
+        the default decay. Consecutive estimates are not quite independent (the plain loop's
+        pairs share a gradient), so they are approximations. Both are ``nan`` before two
+        measurements, which first show a spread.
+        """
+        return (self._standard_error(self._grad_sqr, self._grad_sqr_squares),
+                self._standard_error(self._grad_var, self._grad_var_squares))
+
+    @staticmethod
+    def _standard_error(average: BiasCorrectedEMA, squares: BiasCorrectedEMA) -> float:
+        decay, updates = average.decay, average.updates
+        if updates < 2 or decay == 0:  # no spread yet, or one measurement weighs all
+            return math.nan
+        share = (1 - decay) * (1 + decay**updates) / ((1 + decay) * (1 - decay**updates))
+        spread = max(squares.value - average.value**2, 0.0)
+        return math.sqrt(spread * share / (1 - share))
+
     def scalars(self) -> dict[str, float]:
         """The smoothed and the last raw estimates, for logging; empty before the first step."""
         if not self.steps:
             return {}
+        grad_sqr_error, grad_var_error = self.standard_errors
         return {"noise/grad_sqr": self.grad_sqr, "noise/grad_var": self.grad_var, "noise/noise_scale": self.noise_scale,
-                "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var}
+                "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var,
+                "noise/grad_sqr_error": grad_sqr_error, "noise/grad_var_error": grad_var_error}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict()}
+        return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict(),
+                "grad_sqr_squares": self._grad_sqr_squares.state_dict(),
+                "grad_var_squares": self._grad_var_squares.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._grad_sqr.load_state_dict(state_dict["grad_sqr"])
         self._grad_var.load_state_dict(state_dict["grad_var"])
+        # A state saved before the squares were kept is taken as a history without spread.
+        for key, average, squares in (("grad_sqr_squares", self._grad_sqr, self._grad_sqr_squares),
+                                      ("grad_var_squares", self._grad_var, self._grad_var_squares)):
+            squares.load_state_dict(state_dict[key] if key in state_dict else {
+                "biased": average.biased * average.value if average.updates else 0.0, "updates": average.updates})
