@@ -71,13 +71,14 @@ def test_a_negative_tolerance_is_refused():
 
 
 def test_records_time_the_baseline_quality_and_the_ratios_pair_seeds():
-    baseline = Run("t", "baseline", 0, curve(97.0, 98.95, 98.8, 99.0), [(0, 32)], [(400, math.nan, 1.0)])
-    faster = Run("t", "adaptive", 0, curve(98.0, 98.92, 99.2), [(0, 32), (150, 64)], [(300, 40.0, 1.3)])
+    baseline = Run("t", "baseline", 0, curve(97.0, 98.95, 98.8, 99.0), [(0, 32)], [(400, math.nan, 1.0, math.nan)])
+    faster = Run("t", "adaptive", 0, curve(98.0, 98.92, 99.2), [(0, 32), (150, 64)], [(300, 40.0, 1.3, 2.5)])
     ours, theirs = record(baseline, 99.0, ACCURACY), record(faster, 99.0, ACCURACY)
     assert (ours["time_to_baseline_quality"], ours["cpu_to_baseline_quality"], ours["steps_to_baseline_quality"]) \
         == (2.0, 1.0, 20)
     assert (theirs["time_to_baseline_quality"], theirs["steps_to_baseline_quality"]) == (2.0, 20)
-    assert theirs["final_batch_size"] == 64 and ours["signals"] == [[400, None, 1.0]]
+    assert theirs["final_batch_size"] == 64 and ours["signals"] == [[400, None, 1.0, None]]
+    assert theirs["signals"] == [[300, 40.0, 1.3, 2.5]]
     summary = {s["policy"]: s for s in summarise([ours, theirs])}
     assert summary["adaptive"]["wall_ratio"] == summary["adaptive"]["cpu_ratio"] == pytest.approx(3 / 4)
     assert summary["adaptive"]["quality_vs_baseline"] == pytest.approx(0.2)
@@ -101,6 +102,24 @@ def check_record(r: dict, task: str) -> None:
     assert r["curve"][-1][4] == r["final_quality"] and r["curve"][-1][3] == r["steps"]
     assert r["batch_sizes"][0][0] == 0 and r["final_batch_size"] == r["batch_sizes"][-1][1]
     assert json.loads(json.dumps(r, allow_nan=False)) == r
+
+
+def test_the_report_gives_the_share_of_evaluations_with_the_gradient_resolved():
+    def adaptive(seed: int, signals: list[list]) -> dict:
+        return {"task": "t", "policy": "adaptive", "seed": seed, "metric": ACCURACY.name, "final_quality": 99.0,
+                "wall_s": 1.0, "cpu_s": 1.0, "steps": 10, "samples": 100, "time_to_baseline_quality": None,
+                "cpu_to_baseline_quality": None, "steps_to_baseline_quality": None, "final_batch_size": 32,
+                "batch_sizes": [[0, 32]], "signals": signals}
+
+    # |G|² in units of its error: 2.5 and 2.0 resolved, 1.9 and -3 not, None (unmeasured) not counted.
+    runs = [adaptive(0, [[25, None, 1.0, None], [50, 900.0, 1.1, 2.5], [100, 800.0, 1.2, 1.9]]),
+            adaptive(1, [[50, 700.0, 1.0, -3.0], [100, 1e4, 1.0, 2.0]])]
+    [summary] = summarise(runs)
+    assert summary["resolved"] == 0.5
+    assert "| 50% |" in markdown([summary])
+    older = [adaptive(0, [[50, 900.0, 1.1]])]  # records written before the column
+    [summary] = summarise(older)
+    assert summary["resolved"] is None and markdown([summary]).endswith("| – |")
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -44,7 +44,8 @@ def record(run: Run, target: float, metric: Metric) -> dict[str, Any]:
         "final_batch_size": run.batch_sizes[-1][1],
         "batch_sizes": [list(point) for point in run.batch_sizes],
         "curve": [[e.samples, round(e.wall_s, 3), round(e.cpu_s, 3), e.steps, e.quality] for e in run.curve],
-        "signals": [[samples, _finite(noise), factor] for samples, noise, factor in run.signals],
+        "signals": [[samples, _finite(noise), factor, _finite(resolution)]
+                    for samples, noise, factor, resolution in run.signals],
     }
 
 
@@ -75,6 +76,19 @@ def _median_at(runs: Sequence[dict[str, Any]], key: str, column: int) -> list[fl
         known = [v for v in values if v is not None]
         medians.append(statistics.median(known) if known else None)
     return medians
+
+
+#: Standard errors the smoothed |G|² must stand above zero to count as resolved (about 98%
+#: one-sided, for a normal error).
+RESOLVED_ERRORS = 2.0
+
+
+def _resolved(runs: Sequence[dict[str, Any]]) -> float | None:
+    """The share of the evaluations (of ``runs``, after the second noise measurement) at which
+    the smoothed ``|G|²`` stood :data:`RESOLVED_ERRORS` standard errors above zero; ``None``
+    where the noise was not measured (or the records predate the column)."""
+    values = [point[3] for r in runs for point in r["signals"] if len(point) > 3 and point[3] is not None]
+    return sum(value >= RESOLVED_ERRORS for value in values) / len(values) if values else None
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,6 +128,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "batch_size_at": _median_at(runs, "batch_sizes", 0),
             "noise_scale_at": _median_at(runs, "signals", 0),
             "lr_factor_at": _median_at(runs, "signals", 1),
+            "resolved": _resolved(runs),
         })
     return summaries
 
@@ -129,7 +144,8 @@ def _series(values: Sequence[float | None], form: str) -> str:
 def markdown(summaries: Iterable[dict[str, Any]]) -> str:
     """Two markdown tables per task: quality, time, steps and time to the baseline's final
     quality, as ratios to the baseline's whole run (wall time, and CPU time); then the batch
-    size, the noise scale and the learning-rate factor along the run (medians over seeds)."""
+    size, the noise scale and the learning-rate factor along the run (medians over seeds), and
+    the share of evaluations at which the measured ``|G|²`` was resolved."""
     sections: dict[str, list[str]] = {}
     trajectories: dict[str, list[str]] = {}
     for s in summaries:
@@ -148,10 +164,10 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
             f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
         trajectories.setdefault(s["task"], [
             f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
-            f"LR factor (adabatch's) at the same |",
-            "|---|---|---|---|",
+            f"LR factor (adabatch's) at the same | evaluations with \\|G\\|² resolved |",
+            "|---|---|---|---|---|",
         ]).append(f"| {s['policy']} | {_series(s['batch_size_at'], 'g')} | {_series(s['noise_scale_at'], '.3g')} | "
-                  f"{_series(s['lr_factor_at'], '.2f')} |")
+                  f"{_series(s['lr_factor_at'], '.2f')} | {_number(s['resolved'], '.0%')} |")
     return "\n\n".join(f"### {task}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(trajectories[task])
                        for task, lines in sections.items())
 

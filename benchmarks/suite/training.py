@@ -34,7 +34,8 @@ class Run:
 
     ``batch_sizes`` holds ``(samples seen, batch size)`` where the scheduled size changes (its
     first point at 0 samples); ``signals`` the smoothed noise scale ``B_simple`` (``nan`` while
-    unmeasured) and the learning-rate factor adabatch applied, at each evaluation.
+    unmeasured), the learning-rate factor adabatch applied and the smoothed ``|G|²`` in units of
+    its standard error (``nan`` before two measurements), at each evaluation.
     """
 
     task: str
@@ -42,16 +43,22 @@ class Run:
     seed: int
     curve: list[Evaluation] = field(default_factory=list)
     batch_sizes: list[tuple[int, int]] = field(default_factory=list)
-    signals: list[tuple[int, float, float]] = field(default_factory=list)  # (samples, noise scale, LR factor)
+    # (samples, noise scale, LR factor, |G|² / its standard error)
+    signals: list[tuple[int, float, float, float]] = field(default_factory=list)
 
     @property
     def final(self) -> Evaluation:
         return self.curve[-1]
 
 
-def _noise_scale(scheduler: BatchSizeScheduler) -> float:
+def _noise_scale(scheduler: BatchSizeScheduler) -> tuple[float, float]:
+    """The smoothed ``B_simple`` and ``|G|²`` in units of its standard error (``nan`` unmeasured)."""
     meter = scheduler.noise_meter
-    return math.nan if meter is None else meter.noise.noise_scale
+    if meter is None:
+        return math.nan, math.nan
+    noise = meter.noise
+    error = noise.standard_errors[0]
+    return noise.noise_scale, noise.grad_sqr / error if error > 0 else math.nan
 
 
 def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_set: TensorDataset, *,
@@ -89,7 +96,8 @@ def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_
     def evaluate() -> None:
         run.curve.append(Evaluation(scheduler.samples_seen, wall_s, cpu_s, scheduler.steps,
                                     task.evaluate(model, test_set)))
-        run.signals.append((scheduler.samples_seen, _noise_scale(scheduler), scheduler.lr_factor))
+        noise_scale, resolution = _noise_scale(scheduler)
+        run.signals.append((scheduler.samples_seen, noise_scale, scheduler.lr_factor, resolution))
 
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
