@@ -122,15 +122,15 @@ class NoiseScale:
         """The standard errors of the smoothed ``|G|²`` and ``tr(Σ)``: how far each average may
         be from the value it estimates. Where ``|G|²``'s error is as large as half of it, the
         noise scale is not resolved (the true ``|G|²`` may be near zero, and ``B_simple``
-        anything above a few times the estimate).
+        anything from the estimate to many times it).
 
-        Each is the error of a weighted mean of independent estimates: the raw estimates'
-        spread (their averaged squares less the squared average, made unbiased for the weights)
-        times ``Σw² / (Σw)²``, which the decay ``β`` after ``n`` measurements makes
+        Each is the square root of a weighted mean's variance: the raw estimates' variance
+        (their averaged squares less the squared average, made unbiased for the weights) times
+        ``Σw² / (Σw)²``, which the decay ``β`` after ``n`` measurements makes
         ``(1 - β)(1 + βⁿ) / ((1 + β)(1 - βⁿ))``: 1 after one measurement, 0.026 after many at
-        the default decay. Consecutive estimates are not quite independent (the plain loop's
-        pairs share a gradient), so they are approximations. Both are ``nan`` before two
-        measurements, which first show a spread.
+        the default decay. They are approximations: the raw estimates are taken as independent
+        draws around a value that does not move. Both are ``nan`` before two measurements, which
+        first show a spread.
         """
         return (self._standard_error(self._grad_sqr, self._grad_sqr_squares),
                 self._standard_error(self._grad_var, self._grad_var_squares))
