@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from adabatch import BatchSizeScheduler, schedules
 from adabatch.schedules.adaptive import DEFAULT_START
 from benchmarks.suite import TASKS
 from benchmarks.suite.policies import policies
 from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
 from benchmarks.suite.report import markdown, record, summarise
 from benchmarks.suite.runner import main, run_task
-from benchmarks.suite.training import Run
+from benchmarks.suite.training import Run, noise_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = Metric("bits/char", higher_is_better=False, tolerance=0.01)
@@ -101,7 +102,21 @@ def check_record(r: dict, task: str) -> None:
     assert r["steps"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and math.isfinite(r["final_quality"])
     assert r["curve"][-1][4] == r["final_quality"] and r["curve"][-1][3] == r["steps"]
     assert r["batch_sizes"][0][0] == 0 and r["final_batch_size"] == r["batch_sizes"][-1][1]
+    assert all(len(point) == 4 for point in r["signals"])  # samples, noise scale, LR factor, resolution
     assert json.loads(json.dumps(r, allow_nan=False)) == r
+
+
+def test_a_run_records_the_smoothed_gradient_in_units_of_its_error():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert all(math.isnan(value) for value in noise_signals(BatchSizeScheduler(optimizer, schedules.Constant(8))))
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True)
+    noise = scheduler.noise_meter.noise
+    noise.update(3.0, 8, 1.5, 16)
+    assert noise_signals(scheduler)[0] == noise.noise_scale and math.isnan(noise_signals(scheduler)[1])
+    for small, big in [(2.5, 1.0), (4.0, 2.5), (3.0, 1.2)]:
+        noise.update(small, 8, big, 16)
+    assert noise_signals(scheduler) == (noise.noise_scale, noise.grad_sqr / noise.standard_errors[0])
 
 
 def test_the_report_gives_the_share_of_evaluations_with_the_gradient_resolved():

@@ -25,7 +25,7 @@ from .policies import MAX_BATCH_SIZE, Policy
 from .quality import Evaluation
 from .task import Task
 
-__all__ = ["Run", "train"]
+__all__ = ["Run", "noise_signals", "train"]
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Run:
         return self.curve[-1]
 
 
-def _noise_scale(scheduler: BatchSizeScheduler) -> tuple[float, float]:
+def noise_signals(scheduler: BatchSizeScheduler) -> tuple[float, float]:
     """The smoothed ``B_simple`` and ``|G|²`` in units of its standard error (``nan`` unmeasured)."""
     meter = scheduler.noise_meter
     if meter is None:
@@ -96,7 +96,7 @@ def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_
     def evaluate() -> None:
         run.curve.append(Evaluation(scheduler.samples_seen, wall_s, cpu_s, scheduler.steps,
                                     task.evaluate(model, test_set)))
-        noise_scale, resolution = _noise_scale(scheduler)
+        noise_scale, resolution = noise_signals(scheduler)
         run.signals.append((scheduler.samples_seen, noise_scale, scheduler.lr_factor, resolution))
 
     for epoch in range(epochs):
