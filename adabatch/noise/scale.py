@@ -130,7 +130,7 @@ class NoiseScale:
         ``(1 - β)(1 + βⁿ) / ((1 + β)(1 - βⁿ))``: 1 after one measurement, 0.026 after many at
         the default decay. They are approximations: the raw estimates are taken as independent
         draws around a value that does not move. Both are ``nan`` before two measurements, which
-        first show a spread.
+        first show a spread, and at a decay of 0, where the average is the last estimate.
         """
         return (self._standard_error(self._grad_sqr, self._grad_sqr_squares),
                 self._standard_error(self._grad_var, self._grad_var_squares))
