@@ -145,8 +145,7 @@ class TrainingStep:
             self.agreement.apply_memory_cap(self.memory, self.constraints)
         if self.agreement.distributed:
             self._synchronise_and_step(attempt, scaler, measure)
-        self.optimizer.zero_grad(set_to_none=True)
-        count(attempt.outcome())
+        self._count_and_clear(attempt, count)
         return loss
 
     def _gradient_sync(self, model: Any, no_sync: Callable[[], Any] | None,
@@ -224,8 +223,7 @@ class TrainingStep:
             gathered.release()
         # As under DDP, an out-of-memory error in the optimizer's step cannot be agreed: it propagates.
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        count(attempt.outcome())
+        self._count_and_clear(attempt, count)
         return loss  # type: ignore[return-value]
 
     def _accumulate_gathered(
@@ -268,6 +266,13 @@ class TrainingStep:
             meter.after_batch(batch_size * replicas)
             attempt.noise_handled = True
         return total, 0
+
+    def _count_and_clear(self, attempt: _Attempt, count: Callable[[StepOutcome], None]) -> None:
+        """Count the step, then clear the gradients. In that order: a step too small to split
+        for the noise measurement is measured by the plain loop's fallback, which reads the
+        gradients as the plain loop leaves them after ``optimizer.step()``."""
+        count(attempt.outcome())
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _count_if_updated(self, attempt: _Attempt, count: Callable[[StepOutcome], None]) -> bool:
         """After an out-of-memory error: whether the optimizer had already updated the

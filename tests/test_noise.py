@@ -376,7 +376,7 @@ def test_with_a_memory_cap_the_first_micro_batch_is_the_small_batch():
     "batch_size, min_batch_size, micro_batch_sizes",
     [(7, 4, [7]), (1, 1, [1]), (8, 4, [4, 4]), (9, 4, [5, 4]), (2, 1, [1, 1])],
 )
-def test_a_batch_too_small_to_halve_is_not_split_nor_counted(batch_size, min_batch_size, micro_batch_sizes):
+def test_a_batch_too_small_to_halve_is_measured_by_the_fallback(batch_size, min_batch_size, micro_batch_sizes):
     dataset, solution = least_squares_data()
     model = least_squares_model(solution)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -389,10 +389,24 @@ def test_a_batch_too_small_to_halve_is_not_split_nor_counted(batch_size, min_bat
         batch = dataset[start:start + batch_size]
         scheduler.train_step(batch, lambda b: sizes.append(len(b[0])) or F.mse_loss(model(b[1]), b[2]))
         assert sizes == micro_batch_sizes
-    counted = steps if len(micro_batch_sizes) > 1 else 0
-    # Nor does the plain loop's fallback count it: train_step leaves no gradients behind.
+    # Split, each step measures itself; unsplit, the plain loop's fallback pairs it with the step
+    # before (from the second step on), as it would a step of the plain loop.
+    counted = steps if len(micro_batch_sizes) > 1 else steps - 1
     assert scheduler.noise_meter.noise.steps == counted
     assert scheduler.steps == steps
+    if len(micro_batch_sizes) == 1:  # measured as the plain loop measures the same steps
+        twin = least_squares_model(solution)
+        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.01)
+        plain = BatchSizeScheduler(twin_optimizer, schedules.Constant(batch_size), min_batch_size=min_batch_size,
+                                   measure_noise=True, noise_interval=1)
+        for start in range(0, steps * batch_size, batch_size):
+            batch = dataset[start:start + batch_size]
+            twin_optimizer.zero_grad()
+            F.mse_loss(twin(batch[1]), batch[2]).backward()
+            twin_optimizer.step()
+            plain.step(batch_size)
+        ours, theirs = scheduler.noise_meter.noise, plain.noise_meter.noise
+        assert (ours.grad_sqr, ours.grad_var) == pytest.approx((theirs.grad_sqr, theirs.grad_var), rel=1e-6)
 
 
 # ------------------------------------------------------------------ preconditioning

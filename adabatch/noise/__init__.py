@@ -20,7 +20,8 @@ Where the two batches come from:
 * ``BatchSizeScheduler.train_step`` (one device): ``B_small`` is the first micro-batch, read
   from the gradient after its backward and before the rest is accumulated; ``B_big`` is the
   whole batch. No extra forward or backward pass. A batch that fits in one micro-batch is
-  split in two for the measurement, when each half keeps to ``min_batch_size``.
+  split in two for the measurement, when each half keeps to ``min_batch_size``; one below twice
+  that floor is measured by the plain loop's fallback.
 * The plain loop (``loss.backward(); optimizer.step(); scheduler.step(len(x))``): the fallback
   pairs the gradient of this step (``B``) with the mean of it and the previous step's gradient
   (``2B``). The parameters moved between the two steps, so the pair is not two batches at one
