@@ -174,6 +174,8 @@ class Quantity:
             ``held``: sizes that double read as 32, 64, 128). Default: ``False``.
         held (bool): draw each value held until the next one (a batch size stays until it
             changes). Default: ``False``.
+        positive (bool): draw only positive values (a lower bound of 0 says nothing). Default:
+            ``False``.
     """
 
     title: str
@@ -181,6 +183,7 @@ class Quantity:
     prefix: str = ""
     log: bool = False
     held: bool = False
+    positive: bool = False
 
     def series(self, curves: Mapping[str, Curve]) -> list[tuple[str, Curve]]:
         """The ``(scalar name, curve)`` pairs of this quantity in ``curves``, in drawing order."""
@@ -195,18 +198,21 @@ class Quantity:
 QUANTITIES = (
     Quantity("batch size", names=("batch_size", "target_batch_size"), log=True, held=True),
     Quantity("effective learning rate", prefix="lr/group_", log=True),
-    Quantity("gradient noise scale", names=("noise/noise_scale",), log=True),
+    Quantity("gradient noise scale", names=("noise/noise_scale", "noise/noise_scale_lower"), log=True, positive=True),
     Quantity("memory cap (micro-batch)", names=("memory/cap",), held=True),
 )
 
 #: How a scalar is named in a panel's legend, when a panel draws several per run.
-SERIES_LABELS = {"batch_size": "trained", "target_batch_size": "scheduled"}
+SERIES_LABELS = {"batch_size": "trained", "target_batch_size": "scheduled", "noise/noise_scale": "smoothed",
+                 "noise/noise_scale_lower": "lower bound"}
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def _finite(curve: Curve) -> tuple[list[int], list[float]]:
-    """The curve without its non-finite values (a noise scale is ``inf`` while the gradient is all noise)."""
-    points = [(x, value) for x, value in zip(curve.x, curve.values) if math.isfinite(value)]
+def _finite(curve: Curve, positive: bool = False) -> tuple[list[int], list[float]]:
+    """The curve without its non-finite values (a noise scale is ``inf`` while the gradient is all
+    noise), and if ``positive`` without those not above zero."""
+    points = [(x, value) for x, value in zip(curve.x, curve.values)
+              if math.isfinite(value) and (value > 0 or not positive)]
     return [x for x, _ in points], [value for _, value in points]
 
 
@@ -300,7 +306,7 @@ def _draw_panel(axis: Any, quantity: Quantity, curves_of_runs: list[Mapping[str,
     styles: dict[str, str] = {}
     missing, not_finite, drawn = [], [], []
     for curves, label, colour in zip(curves_of_runs, labels, colours):
-        logged = [(name, *_finite(curve)) for name, curve in quantity.series(curves)]
+        logged = [(name, *_finite(curve, quantity.positive)) for name, curve in quantity.series(curves)]
         series = [(name, x, values) for name, x, values in logged if x]
         if not series:
             (not_finite if logged else missing).append(label)

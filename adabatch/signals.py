@@ -55,6 +55,9 @@ class StepSignals:
         noise_interval: int | None = None,
     ) -> None:
         noise_decay = check_fraction("noise_decay", noise_decay)
+        if measure_noise and schedule.needs_noise and noise_decay == 0 and getattr(schedule, "confidence", 0):
+            raise ValueError("noise_decay=0 keeps no spread of the noise estimates, so the schedule's confidence "
+                             "has no standard error to take off; give noise_decay > 0, or confidence=0")
         self.optimizer = optimizer
         self.schedule = schedule
         self.constraints = constraints
@@ -103,4 +106,4 @@ class StepSignals:
             progress = Progress(samples=position, dataset_size=self.constraints.dataset_size)
             self.schedule.observe(progress, meter.noise.noise_scale, meter.noise.steps, batch.target,
                                   largest=self.constraints.largest(), step_times=self.step_times,
-                                  preconditioned=is_adam_family(self.optimizer))
+                                  preconditioned=is_adam_family(self.optimizer), noise=meter.noise)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
+from adabatch.noise import NoiseScale
 from adabatch.schedules import Progress
 from adabatch.schedules.adaptive import DEFAULT_START
 from adabatch.testing import FakeClock
@@ -84,6 +85,8 @@ def observe(schedule: schedules.Adaptive, signals: list[float], dataset_size: in
         ({"signal": "gns"}, "signal must be one of ('noise_scale', 'norm_test'), got 'gns'"),
         ({"theta": 0}, "theta must be a positive finite number, got 0"),
         ({"theta": math.inf}, "theta must be a positive finite number, got inf"),
+        ({"confidence": -1}, "confidence must be a non-negative finite number, got -1"),
+        ({"confidence": math.nan}, "confidence must be a non-negative finite number, got nan"),
         ({"extra_samples": 1}, "extra_samples must be in [0, 1), got 1"),
         ({"extra_samples": -0.1}, "extra_samples must be in [0, 1), got -0.1"),
         ({"throughput": 1}, "throughput must be True or False, got 1"),
@@ -198,6 +201,38 @@ def test_under_adam_the_noise_scale_is_relative_to_the_first_decision():
     assert absolute == [pytest.approx(grown(5, 16))] * 2 + [pytest.approx(grown(45, 16))]
 
 
+def measured(pairs: list[tuple[float, float]]) -> NoiseScale:
+    """Noise statistics fed the raw estimates ``(|G|², tr(Σ))`` of batches of 1 and 2 samples."""
+    noise = NoiseScale()
+    for grad_sqr, grad_var in pairs:
+        assert noise.update(grad_sqr + grad_var, 1, grad_sqr + grad_var / 2, 2)
+    return noise
+
+
+@pytest.mark.parametrize("confidence", [1.0, 2.0])
+def test_decisions_take_the_noise_scale_at_its_lower_bound(confidence):
+    # |G|² = 1 ± 9 in each measurement: the smoothed ratio is far above what the measurements
+    # resolve, and the decision follows the bound instead.
+    noise = measured([(10.0, 200.0), (-8.0, 200.0)] * 30)
+    bound = noise.lower_bound(confidence)
+    assert bound < noise.noise_scale / 2.5
+    schedule = adaptive(start=16, confidence=confidence)
+    assert observe(schedule, [noise.noise_scale], noise=noise) == [pytest.approx(grown(bound, 16))]
+    as_it_is = adaptive(start=16, confidence=0)
+    assert observe(as_it_is, [noise.noise_scale], noise=noise) == [pytest.approx(grown(noise.noise_scale, 16))]
+
+
+def test_an_unresolved_noise_scale_grows_the_batch_no_further_than_the_measurements_reach():
+    # |G|² averages below zero: the smoothed ratio is infinite, the bound is finite.
+    noise = measured([(2.0, 100.0), (-4.0, 100.0)] * 30)
+    assert noise.noise_scale == math.inf
+    sizes = observe(adaptive(start=16), [noise.noise_scale], noise=noise)
+    assert sizes == [pytest.approx(grown(noise.lower_bound(), 16))] and sizes[0] < grown(1000, 16)
+    assert observe(adaptive(start=16), [noise.noise_scale]) == [16.0], "without the statistics: no decision"
+    # Before two measurements there is no standard error, so no bound and no decision.
+    assert observe(adaptive(start=16), [200.0], noise=measured([(1.0, 200.0)])) == [16.0]
+
+
 @pytest.mark.parametrize("signal", [math.nan, math.inf, 0.0, -5.0])
 def test_a_signal_without_a_noise_scale_is_ignored(signal):
     schedule = adaptive(start=16)
@@ -292,9 +327,11 @@ def test_sizes_are_monotone_capped_per_epoch_and_change_only_at_intervals(
 
 
 # ------------------------------------------------------------------ through the scheduler
-def set_noise_scale(scheduler: BatchSizeScheduler, noise_scale: float, measured_steps: int = 1) -> None:
+def set_noise_scale(scheduler: BatchSizeScheduler, noise_scale: float, measured_steps: int = 2) -> None:
     """Make the scheduler's smoothed statistics say ``noise_scale`` after ``measured_steps`` steps
-    (the scheduler is built with ``noise_decay=0.5``, so the arithmetic is exact)."""
+    (the scheduler is built with ``noise_decay=0.5``, so the arithmetic is exact). Loaded without
+    the averaged squares, they have no spread: from two steps on, their lower bound is
+    ``noise_scale`` itself."""
     correction = 1 - 0.5**measured_steps
     scheduler.noise_meter.noise.load_state_dict({
         "grad_sqr": {"biased": correction, "updates": measured_steps},
@@ -308,6 +345,27 @@ def scheduler_on(dataset_size: int, schedule: schedules.Adaptive, **options: Any
     assert scheduler.noise_meter is not None, "an adaptive schedule measures the noise by default"
     sampler = AdaptiveBatchSampler(dataset_size, scheduler, shuffle=True, seed=0)
     return scheduler, sampler
+
+
+def test_the_scheduler_hands_the_schedule_its_noise_statistics():
+    seen = []
+
+    class Recording(schedules.Adaptive):
+        def observe(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(kwargs["noise"])
+            super().observe(*args, **kwargs)
+
+    scheduler, sampler = scheduler_on(200, Recording(start=8))
+    for batch in islice(iter(sampler), 3):
+        scheduler.step(len(batch))
+    assert len(seen) == 3 and all(noise is scheduler.noise_meter.noise for noise in seen)
+
+
+def test_a_confident_schedule_needs_noise_averages_with_a_spread():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="noise_decay=0 keeps no spread"):
+        BatchSizeScheduler(optimizer, schedules.Adaptive(), noise_decay=0.0)
+    BatchSizeScheduler(optimizer, schedules.Adaptive(confidence=0), noise_decay=0.0)
 
 
 @pytest.mark.filterwarnings("error:scheduler.step\\(\\) was told")
@@ -517,11 +575,15 @@ def uninterrupted():
 def test_the_run_grows_the_batch_from_measured_noise(uninterrupted):
     records, checkpoints = uninterrupted
     sizes = [len(record) for record in records]
-    assert sizes[0] == 4 and len(set(sizes)) >= 3 and max(sizes) > 8
+    assert sizes[0] == 4 and len(set(sizes)) >= 3 and max(sizes) >= 8, "it at least doubles"
     # Each growth is timed before the next: no size is more than twice the largest trained before it.
     assert all(size <= 2 * max(sizes[:k]) for k, size in enumerate(sizes) if k), sizes
     assert min(sizes) >= 2, "the floor holds (the balanced batches that end an epoch may be below the start)"
-    assert checkpoints[-1]["scheduler"]["noise"]["grad_sqr"]["updates"] == len(records)
+    # Every step is measured (noise_interval=1): a batch halves into the two batches of the pair,
+    # except one too small to halve (below twice the floor of 2), which the plain loop's fallback
+    # pairs with the step before; after a step that was halved it has no gradient kept to pair with.
+    unpaired = sum(size < 4 <= before for before, size in zip(sizes, sizes[1:]))
+    assert checkpoints[-1]["scheduler"]["noise"]["grad_sqr"]["updates"] == len(records) - unpaired
 
 
 def test_resume_with_workers_gives_the_same_batches(uninterrupted):

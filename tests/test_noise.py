@@ -238,6 +238,58 @@ def test_a_state_saved_without_the_squares_loads_as_a_history_without_spread():
     assert all(error > 0 for error in restored.standard_errors), "later measurements spread it"
 
 
+def test_the_lower_bound_takes_the_standard_errors_off_each_average():
+    noise = NoiseScale()
+    assert math.isnan(noise.lower_bound()), "no measurement"
+    raw_estimates(noise, [(3.0, 10.0)])
+    assert math.isnan(noise.lower_bound()), "one measurement has no spread"
+    assert noise.lower_bound(0) == noise.noise_scale
+    raw_estimates(noise, [(3.0, 10.0), (-1.0, 90.0), (2.0, 40.0)] * 10)
+    grad_sqr_error, grad_var_error = noise.standard_errors
+    for errors in (0.5, 1.0, 2.0):
+        expected = (noise.grad_var - errors * grad_var_error) / (noise.grad_sqr + errors * grad_sqr_error)
+        assert noise.lower_bound(errors) == pytest.approx(expected, rel=1e-12)
+    assert noise.lower_bound(2.0) < noise.lower_bound(1.0) < noise.lower_bound(0) == noise.noise_scale
+
+
+@pytest.mark.parametrize("errors", [-1, math.inf, math.nan, "1"], ids=repr)
+def test_the_lower_bound_takes_a_non_negative_number_of_errors(errors):
+    with pytest.raises(ValueError, match=re.escape(f"errors must be a non-negative finite number, got {errors!r}")):
+        NoiseScale().lower_bound(errors)
+
+
+def test_the_lower_bound_stops_at_what_the_measurements_resolve():
+    # |G|² averages below zero: the point estimate is infinite, the bound is tr(Σ) over the
+    # largest |G|² one standard error allows, as if |G|² were zero.
+    noise = NoiseScale()
+    raw_estimates(noise, [(2.0, 100.0), (-4.0, 120.0), (-1.0, 80.0)] * 10)
+    assert noise.grad_sqr < 0 and noise.noise_scale == math.inf
+    grad_sqr_error, grad_var_error = noise.standard_errors
+    assert noise.lower_bound() == pytest.approx((noise.grad_var - grad_var_error) / grad_sqr_error, rel=1e-12)
+    # A tr(Σ) no larger than its error bounds nothing.
+    raw_estimates(noise, [(1.0, 300.0), (1.0, -300.0)] * 30)
+    assert noise.lower_bound() == 0.0
+
+
+def test_the_lower_bound_is_below_the_true_noise_scale_in_most_runs():
+    # Raw estimates around |G|² = 2 and tr(Σ) = 100 (B_simple = 50), |G|²'s spread three times
+    # its value, over 4000 runs of 40 measurements: the smoothed ratio is as often above the
+    # truth as below, and on chance alone runs off to many times it or to infinity; the bound
+    # exceeds the truth about as often as one standard error allows, and never by much.
+    rng = np.random.default_rng(1)
+    points, bounds = [], []
+    for pairs in rng.normal([2.0, 100.0], [6.0, 40.0], size=(4000, 40, 2)):
+        noise = NoiseScale()
+        raw_estimates(noise, pairs.tolist())
+        points.append(noise.noise_scale)
+        bounds.append(noise.lower_bound())
+    points, bounds = np.array(points), np.array(bounds)
+    assert 0.4 < np.mean(points > 50) < 0.6
+    assert np.mean(points > 200) > 0.05, "an unresolved |G|² sends the ratio far above the truth"
+    assert np.mean(bounds > 50) < 0.2
+    assert np.max(bounds) < 150
+
+
 @pytest.mark.parametrize("decay", [1, 1.5, -0.1, math.nan, True, "0.9", None], ids=repr)
 def test_decay_must_be_in_the_unit_interval(decay):
     message = re.escape(f"decay must be in [0, 1), got {decay!r}")
@@ -640,7 +692,8 @@ def test_the_grad_scalers_scale_is_divided_out():
 
 
 # ------------------------------------------------------------------ TensorBoard
-NOISE_TAGS = ("noise_scale", "grad_sqr", "grad_var", "raw_grad_sqr", "raw_grad_var", "grad_sqr_error", "grad_var_error")
+NOISE_TAGS = ("noise_scale", "grad_sqr", "grad_var", "raw_grad_sqr", "raw_grad_var", "grad_sqr_error", "grad_var_error",
+              "noise_scale_lower")
 
 
 @pytest.mark.parametrize("loop, first_logged", [("train_step", 0), ("plain", 1)])
@@ -658,7 +711,8 @@ def test_noise_curves_are_written(loop, first_logged, tmp_path: Path):
         noise = scheduler.noise_meter.noise
         logged.append({"noise_scale": noise.noise_scale, "grad_sqr": noise.grad_sqr, "grad_var": noise.grad_var,
                        "raw_grad_sqr": noise.last_grad_sqr, "raw_grad_var": noise.last_grad_var,
-                       "grad_sqr_error": noise.standard_errors[0], "grad_var_error": noise.standard_errors[1]})
+                       "grad_sqr_error": noise.standard_errors[0], "grad_var_error": noise.standard_errors[1],
+                       "noise_scale_lower": noise.lower_bound()})
         if scheduler.steps == 6:
             break
     writer.close()

@@ -80,6 +80,7 @@ def train_run(logdir: Path, *, noise_and_memory: bool) -> list[dict[str, Any]]:
                 step["cap"] = scheduler.memory.cap
                 noise = scheduler.noise_meter.noise
                 step["noise_scale"] = noise.noise_scale if noise.steps else None
+                step["noise_scale_lower"] = noise.lower_bound() if noise.steps else None
             logged.append(step)
     writer.close()
     return logged
@@ -136,6 +137,10 @@ def test_curves_read_back_equal_what_was_logged(runs: tuple[Path, dict], name: s
             assert curves["noise/noise_scale"].x == tuple(x_i for x_i, _ in measured)
             assert curves["noise/noise_scale"].values == pytest.approx([v for _, v in measured], rel=1e-5)
             assert all(math.isfinite(v) and v > 0 for v in curves["noise/noise_scale"].values)
+            lower = [s["noise_scale_lower"] for s in steps if s["noise_scale_lower"] is not None]
+            assert curves["noise/noise_scale_lower"].values == pytest.approx(lower, rel=1e-5, nan_ok=True)
+            bounded = [(b, v) for b, v in zip(lower, curves["noise/noise_scale"].values) if math.isfinite(b)]
+            assert len(bounded) > 1 and all(b <= v for b, v in bounded), "from the second measurement on, below"
             assert curves["memory/cap"] == Curve(tuple(x), tuple(float(s["cap"]) for s in steps))
             assert len(set(curves["memory/cap"].values)) > 1  # the fit through the origin, then the line
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._validation import check_fraction
+from .._validation import check_fraction, check_non_negative_number
 
 #: Default decay of the moving averages of |G|² and tr(Σ).
 DEFAULT_EMA_DECAY = 0.95
@@ -135,6 +135,35 @@ class NoiseScale:
         return (self._standard_error(self._grad_sqr, self._grad_sqr_squares),
                 self._standard_error(self._grad_var, self._grad_var_squares))
 
+    def lower_bound(self, errors: float = 1.0) -> float:
+        """The smallest ``B_simple`` the measurements support: ``tr(Σ)`` taken ``errors``
+        standard errors below its average, over ``|G|²`` taken as many above its average (and
+        above zero, which a true ``|G|²`` never falls below).
+
+        Unlike :attr:`noise_scale` it does not run off to infinity where ``|G|²`` is lost in its
+        own noise: it is at most ``tr(Σ) / (errors · |G|²'s standard error)``, the largest noise
+        scale the measurements so far can tell from an infinite one. An estimate that is biased
+        towards a small ``|G|²`` (the plain loop's pairs of consecutive steps, see
+        :mod:`adabatch.noise`) is held to the same limit.
+
+        Args:
+            errors (float): standard errors to take off; 0 gives :attr:`noise_scale`. Default: 1.
+
+        Returns:
+            the bound, ``nan`` while :attr:`standard_errors` are (before two measurements, or at a
+            decay of 0), ``inf`` only if ``|G|²`` is not positive and has no spread at all.
+        """
+        if check_non_negative_number("errors", errors) == 0:
+            return self.noise_scale
+        grad_sqr_error, grad_var_error = self.standard_errors
+        if math.isnan(grad_sqr_error) or math.isnan(grad_var_error):
+            return math.nan
+        grad_var = max(self.grad_var - errors * grad_var_error, 0.0)
+        grad_sqr = max(self.grad_sqr, 0.0) + errors * grad_sqr_error
+        if grad_sqr <= 0:
+            return math.inf if grad_var > 0 else math.nan
+        return grad_var / grad_sqr
+
     @staticmethod
     def _standard_error(average: BiasCorrectedEMA, squares: BiasCorrectedEMA) -> float:
         decay, updates = average.decay, average.updates
@@ -145,13 +174,15 @@ class NoiseScale:
         return math.sqrt(spread * share / (1 - share))
 
     def scalars(self) -> dict[str, float]:
-        """The smoothed and the last raw estimates, for logging; empty before the first step."""
+        """The smoothed and the last raw estimates, their standard errors and the noise scale's
+        lower bound at one error, for logging; empty before the first step."""
         if not self.steps:
             return {}
         grad_sqr_error, grad_var_error = self.standard_errors
         return {"noise/grad_sqr": self.grad_sqr, "noise/grad_var": self.grad_var, "noise/noise_scale": self.noise_scale,
                 "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var,
-                "noise/grad_sqr_error": grad_sqr_error, "noise/grad_var_error": grad_var_error}
+                "noise/grad_sqr_error": grad_sqr_error, "noise/grad_var_error": grad_var_error,
+                "noise/noise_scale_lower": self.lower_bound()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict(),

@@ -9,6 +9,7 @@ from .._validation import (
     check_bool, check_choice, check_fraction, check_integer, check_non_negative_int, check_non_negative_number,
     check_positive_int, check_positive_number,
 )
+from ..noise import NoiseScale
 from ..throughput import StepTimes
 from .base import Progress, Schedule
 
@@ -42,7 +43,14 @@ class Adaptive(Schedule):
       before the next. A size that turns out not to pay is left again.
     * **The critical batch size** is the smoothed noise scale ``B_simple`` (``signal=
       "noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``, the smallest batch that
-      passes the norm test of Byrd et al. 2012). For Adam-family optimizers the noise scale
+      passes the norm test of Byrd et al. 2012), at the lower end of what the measurements
+      support: ``tr(Σ)`` taken ``confidence`` standard errors low over ``|G|²`` taken as many
+      high (:meth:`NoiseScale.lower_bound <adabatch.noise.NoiseScale.lower_bound>`). A noise
+      scale is a ratio whose denominator, the squared true gradient, is often lost in its own
+      noise: the smoothed ratio then runs to thousands on chance alone, and the plain loop's
+      pairs of consecutive steps bias it upwards the more the learning rate grows with the
+      batch. The bound goes no higher than the measurements can resolve, so the batch grows on
+      evidence, not on an estimate that is all noise. For Adam-family optimizers the noise scale
       underestimates the critical batch size by orders of magnitude (Merrill et al. 2025), so
       it is read as a relative signal: the starting size is taken as critical at the first
       decision, and ``B_crit`` grows in proportion to the noise scale from there.
@@ -63,12 +71,15 @@ class Adaptive(Schedule):
     already prefetched by DataLoader workers keep the size they were drawn with.
 
     Args:
-        start (int, optional): the size before the first decision: a small batch, at most the
-            one you would train with. Default: :data:`DEFAULT_START` (16).
+        start (int, optional): the size before the first decision, and the least the
+            controller decides: the batch you would train with. Default: :data:`DEFAULT_START`
+            (16), or the batch the trainer integrations find.
         signal (str): ``"noise_scale"`` or ``"norm_test"``. Default: ``"noise_scale"``.
         theta (float): the norm test's ``θ``. Default: 0.9.
+        confidence (float): standard errors the noise scale is taken below its smoothed
+            estimate; 0 takes the estimate as it is. Default: 1.
         extra_samples (float): in ``[0, 1)``, the largest fraction of samples growth may cost
-            over the starting size. Default: 0.1.
+            over the starting size. Default: 0.05.
         throughput (bool): weigh the measured step times; if ``False`` the batch grows as far as
             ``extra_samples`` allows. Default: ``True``.
         growth_per_epoch (float): largest factor of growth within one epoch. Default: 2.
@@ -78,7 +89,7 @@ class Adaptive(Schedule):
         monotone (bool): never shrink below a size that was timed and paid. Default: ``True``.
 
     Example:
-        >>> scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(), min_batch_size=16)
+        >>> scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=32), min_batch_size=16)
     """
 
     needs_noise = True
@@ -98,7 +109,8 @@ class Adaptive(Schedule):
         *,
         signal: str = "noise_scale",
         theta: float = 0.9,
-        extra_samples: float = 0.1,
+        confidence: float = 1.0,
+        extra_samples: float = 0.05,
         throughput: bool = True,
         growth_per_epoch: float = 2.0,
         hysteresis: float = 0.05,
@@ -109,6 +121,7 @@ class Adaptive(Schedule):
         self.start = None if start is None else check_positive_int("start", start)
         self.signal = check_choice("signal", signal, SIGNALS)
         self.theta = check_positive_number("theta", theta)
+        self.confidence = check_non_negative_number("confidence", confidence)
         self.extra_samples = check_fraction("extra_samples", extra_samples)
         self.throughput = check_bool("throughput", throughput)
         self.growth_per_epoch = check_positive_number("growth_per_epoch", growth_per_epoch)
@@ -171,7 +184,7 @@ class Adaptive(Schedule):
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
                 largest: float = math.inf, step_times: StepTimes | None = None,
-                preconditioned: bool = False) -> None:
+                preconditioned: bool = False, noise: NoiseScale | None = None) -> None:
         """Take a decision, if one is due, from the signals after a step.
 
         Args:
@@ -184,6 +197,9 @@ class Adaptive(Schedule):
             step_times (StepTimes, optional): seconds per step at each size trained. Default:
                 none (the time is not weighed).
             preconditioned (bool): the noise scale is Adam-preconditioned. Default: ``False``.
+            noise (NoiseScale, optional): the statistics behind ``noise_scale``; given, the
+                decision takes their lower bound at ``confidence`` standard errors instead.
+                Default: none (``noise_scale`` as it is).
         """
         if self._size is None:
             self._size = self.initial_size(progress)
@@ -193,8 +209,11 @@ class Adaptive(Schedule):
         epoch = math.floor(progress.epoch) if progress.dataset_size else 0
         if epoch != self._epoch:
             self._epoch, self._epoch_base = epoch, max(float(current), self._kept if self.monotone else 0.0)
-        if measured_steps < self.warmup or self._steps % self.interval or not math.isfinite(noise_scale) \
-                or noise_scale <= 0:
+        if measured_steps < self.warmup or self._steps % self.interval:
+            return
+        if noise is not None:
+            noise_scale = noise.lower_bound(self.confidence)
+        if not math.isfinite(noise_scale) or noise_scale <= 0:
             return
         critical = self._critical(noise_scale, self._base, preconditioned)
         target = min(self.target(critical, self._base, step_times, current),

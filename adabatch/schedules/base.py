@@ -95,7 +95,8 @@ class Schedule(abc.ABC):
         return self(progress)
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
-                largest: float = math.inf, step_times: Any = None, preconditioned: bool = False) -> None:
+                largest: float = math.inf, step_times: Any = None, preconditioned: bool = False,
+                noise: Any = None) -> None:
         """Take in the signals measured after an optimizer step; the scheduler calls it after
         every step of a schedule that :attr:`needs_noise`. A timetable ignores them.
 
@@ -109,6 +110,8 @@ class Schedule(abc.ABC):
                 far (:class:`~adabatch.throughput.StepTimes`), the same on every rank. Default: none.
             preconditioned (bool): the noise scale was measured on gradients preconditioned by
                 an Adam-family optimizer. Default: ``False``.
+            noise (NoiseScale, optional): the noise statistics behind ``noise_scale``, with their
+                standard errors (:class:`~adabatch.noise.NoiseScale`). Default: none.
         """
 
     def state_dict(self) -> dict[str, Any]:
