@@ -146,7 +146,8 @@ def test_every_task_trains_a_few_steps_of_every_policy(task):
         assert r["steps"] == 6
     assert records[0]["time_to_baseline_quality"] is not None  # the baseline reaches its own final quality
     assert records[0]["final_batch_size"] == TASKS[task].baseline_batch_size
-    assert records[1]["final_batch_size"] == DEFAULT_START  # Adaptive()'s default start: a small batch
+    # Adaptive() starts where the user would train: the baseline's batch.
+    assert records[1]["final_batch_size"] == TASKS[task].baseline_batch_size
 
 
 def test_evaluations_fall_every_quarter_epoch_and_are_not_timed():
@@ -166,12 +167,15 @@ def test_evaluations_fall_every_quarter_epoch_and_are_not_timed():
 
 def test_the_sweep_scales_the_learning_rate_by_the_square_root_of_the_batch():
     names = [p.name for p in policies(TASKS["cnn-sgd"], sweep=True)]
-    assert names == ["baseline", "adaptive", "timetable", "fixed-16", "fixed-64", "fixed-128", "fixed-256",
-                     "fixed-512", "step-x2-late", "geometric", "doubling-sqrt"]
+    assert names == ["baseline", "adaptive", "timetable", "adaptive-16", "fixed-16", "fixed-64", "fixed-128",
+                     "fixed-256", "fixed-512", "step-x2-late", "geometric", "doubling-sqrt"]
     records = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2, policy_names=["fixed-128"])
     factors = {r["policy"]: r["signals"][-1][2] for r in records}
     assert factors == {"baseline": 1.0, "fixed-128": pytest.approx(2.0)}
     assert [r["final_batch_size"] for r in records] == [32, 128]
+    [_, default_start] = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2,
+                                  policy_names=["adaptive-16"])
+    assert default_start["final_batch_size"] == DEFAULT_START
 
 
 def run_suite(*args: str) -> subprocess.CompletedProcess[str]:

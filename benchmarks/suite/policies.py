@@ -1,14 +1,16 @@
 """The batch-size policies the suite compares, built for a task.
 
 * ``baseline``: the task's small fixed batch (``Task.baseline_batch_size``).
-* ``adaptive``: ``schedules.Adaptive()`` with every default, as the README's quickstart wires
-  it: the schedule's own learning-rate rule (AdaScale's gain), its own start and reference.
+* ``adaptive``: ``schedules.Adaptive(start=baseline)`` with every other default, as the README
+  wires it: started at the batch the user would train with, the schedule's own learning-rate
+  rule (AdaScale's gain) with the factor 1 at that start.
 * ``timetable``: ``Step(start=baseline, factor=4)`` at 1/4 and 1/2 of the epochs, with the
   timetables' default rule (the learning rate kept: Smith et al. 2018).
 
-``--sweep`` adds the oracle's candidates: fixed 16 … 512 with the learning rate scaled by the
-square root of the batch over the baseline's (for SGD too: the linear rule takes SGD at 0.05
-to 0.8 at 512, where it diverges), and three more timetables:
+``--sweep`` adds ``adaptive-16``, ``schedules.Adaptive()`` without a start (so at its default,
+16), and the oracle's candidates: fixed 16 … 512 with the learning rate scaled by the square
+root of the batch over the baseline's (for SGD too: the linear rule takes SGD at 0.05 to 0.8 at
+512, where it diverges), and three more timetables:
 
 * ``step-x2-late``: ×2 at 1/2 and 3/4 of the epochs, learning rate kept;
 * ``geometric``: ×2 every 1/8 of the epochs up to the cap, learning rate kept;
@@ -59,11 +61,12 @@ def policies(task: Task, sweep: bool = False) -> list[Policy]:
     start = task.baseline_batch_size
     chosen = [
         Policy("baseline", lambda epochs: schedules.Constant(start)),
-        Policy("adaptive", lambda epochs: schedules.Adaptive()),
+        Policy("adaptive", lambda epochs: schedules.Adaptive(start=start)),
         Policy("timetable", lambda epochs: schedules.Step(start, 4, _fractions(epochs, 1 / 4, 1 / 2))),
     ]
     if not sweep:
         return chosen
+    chosen.append(Policy("adaptive-16", lambda epochs: schedules.Adaptive()))
     for size in SWEEP_BATCH_SIZES:
         if size != start:  # the baseline itself
             chosen.append(Policy(f"fixed-{size}", lambda epochs, size=size: schedules.Constant(size),
