@@ -155,7 +155,9 @@ class NoiseScale:
         """
         if check_non_negative_number("errors", errors) == 0:
             return self.noise_scale
-        grad_sqr_error, grad_var_error = self.standard_errors
+        return self._lower_bound(errors, *self.standard_errors)
+
+    def _lower_bound(self, errors: float, grad_sqr_error: float, grad_var_error: float) -> float:
         if math.isnan(grad_sqr_error) or math.isnan(grad_var_error):
             return math.nan
         grad_var = max(self.grad_var - errors * grad_var_error, 0.0)
@@ -182,7 +184,7 @@ class NoiseScale:
         return {"noise/grad_sqr": self.grad_sqr, "noise/grad_var": self.grad_var, "noise/noise_scale": self.noise_scale,
                 "noise/raw_grad_sqr": self.last_grad_sqr, "noise/raw_grad_var": self.last_grad_var,
                 "noise/grad_sqr_error": grad_sqr_error, "noise/grad_var_error": grad_var_error,
-                "noise/noise_scale_lower": self.lower_bound()}
+                "noise/noise_scale_lower": self._lower_bound(1.0, grad_sqr_error, grad_var_error)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_sqr": self._grad_sqr.state_dict(), "grad_var": self._grad_var.state_dict(),
