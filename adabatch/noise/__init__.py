@@ -23,11 +23,14 @@ Where the two batches come from:
   split in two for the measurement, when each half keeps to ``min_batch_size``; one below twice
   that floor is measured by the plain loop's fallback.
 * The plain loop (``loss.backward(); optimizer.step(); scheduler.step(len(x))``): the fallback
-  pairs the gradient of this step (``B``) with the mean of it and the previous step's gradient
-  (``2B``). The parameters moved between the two steps, so the pair is not two batches at one
-  point: the difference between the steps' true gradients counts as noise, and ``tr(Σ)`` (hence
-  ``B_simple``) is overestimated, by an amount that grows with the learning rate and the
-  curvature. It costs one copy of the gradients, which a checkpoint taken between the two steps
+  pairs the gradient of this step with the previous step's, two independent batches: ``|G|²`` is
+  their product, ``tr(Σ)`` their squared difference over ``1/B + 1/B_previous``. That is the
+  two-batch estimate with the small batch either step and the big one both, averaged over the
+  two choices, which halves the variance of ``|G|²``'s estimate (a single choice adds the
+  difference of the steps' squared norms, a term of mean zero). The parameters moved between
+  the two steps, so the pair is not two batches at one point: the difference between the
+  steps' true gradients counts as noise, and ``tr(Σ)`` (hence ``B_simple``) is overestimated,
+  by an amount that grows with the learning rate and the curvature. It costs one copy of the gradients, which a checkpoint taken between the two steps
   keeps, so a resumed run measures the same steps. A loop that clips the gradient (or rescales
   it otherwise as a whole) before ``optimizer.step()`` is measured on the gradients backward
   computed (:class:`~adabatch.noise.backward_norms.BackwardNorms`), on one process.

@@ -121,8 +121,8 @@ class GradientNoiseMeter:
 
     def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True,
                                rescale: float = 1.0) -> bool:
-        """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with its
-        mean with the previous step's. Biased: see the module's docstring.
+        """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with the
+        previous step's, as two independent batches. Biased: see the module's docstring.
 
         Args:
             batch_size (int): samples behind this step's gradient.
@@ -165,11 +165,13 @@ class GradientNoiseMeter:
                 return False
             gram = (self._buffer @ self._buffer.T).tolist()
         grad_sqr, previous_sqr, mixed = self._over_ranks([gram[row][row], gram[1 - row][1 - row], gram[0][1]])
-        previous_size = previous[1]
-        both = batch_size + previous_size
-        share, previous_share = batch_size / both, previous_size / both
-        mean_sqr = share**2 * grad_sqr + previous_share**2 * previous_sqr + 2 * share * previous_share * mixed
-        return self.noise.update(grad_sqr, batch_size, mean_sqr, both)
+        # Two independent batches give |G|² as the mean of their product, and tr(Σ) from the
+        # mean of their squared difference, tr(Σ)(1/B + 1/B_previous). These are McCandlish's
+        # two-batch estimates averaged over which of the two is taken as the small batch (with
+        # equal sizes exactly): the term each single choice adds, a difference of the two
+        # squared norms, has mean zero and roughly doubles the variance of |G|²'s estimate.
+        difference_sqr = grad_sqr + previous_sqr - 2 * mixed
+        return self.noise.add(mixed, difference_sqr / (1 / batch_size + 1 / previous[1]))
 
     def pairing_state(self) -> dict[str, Any] | None:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat

@@ -80,10 +80,23 @@ class NoiseScale:
             whether the step was counted: a step with a non-finite norm (an overflow, a step a
             GradScaler skips) or without two distinct batch sizes is not.
         """
-        if not (math.isfinite(grad_sqr_small) and math.isfinite(grad_sqr_big)) or not 0 < batch_small < batch_big:
+        if not 0 < batch_small < batch_big:
             return False
         grad_sqr = (batch_big * grad_sqr_big - batch_small * grad_sqr_small) / (batch_big - batch_small)
         grad_var = (grad_sqr_small - grad_sqr_big) / (1 / batch_small - 1 / batch_big)
+        return self.add(grad_sqr, grad_var)
+
+    def add(self, grad_sqr: float, grad_var: float) -> bool:
+        """Add one step's unbiased estimates of ``|G|²`` and ``tr(Σ)``, however obtained (the
+        plain loop's pairs of independent batches give them from their product and their
+        difference, see :meth:`GradientNoiseMeter.from_consecutive_steps
+        <adabatch.noise.GradientNoiseMeter.from_consecutive_steps>`).
+
+        Returns:
+            whether they were counted: not if either is not finite.
+        """
+        if not (math.isfinite(grad_sqr) and math.isfinite(grad_var)):
+            return False
         self.last_grad_sqr, self.last_grad_var = grad_sqr, grad_var
         self._grad_sqr.update(grad_sqr)
         self._grad_var.update(grad_var)
