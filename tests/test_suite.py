@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +92,23 @@ def test_records_time_the_baseline_quality_and_the_ratios_pair_seeds():
     assert summary["adaptive"]["lr_factor_at"] == [None] * 5 + [1.3]
     assert "| adaptive | 99.20 ± 0.00 | +0.20 | 3.0 | 0.75 | 0.75 | 30 | 0.75 | 1/1 seeds | 0.50 | 0.50 | 64 |" \
         in markdown(summary.values())
+
+
+def test_the_difference_to_the_baseline_has_a_standard_error_paired_by_seed():
+    """Seeds differ more from each other than a policy from the baseline at the same seed: the
+    error is that of the per-seed differences, not of either policy's qualities."""
+    runs = []
+    for seed, (base, ours) in enumerate([(97.0, 97.1), (99.0, 99.3), (98.0, 98.2)]):
+        runs.append(record(Run("t", "baseline", seed, curve(90.0, base), [(0, 32)], []), base, ACCURACY))
+        runs.append(record(Run("t", "adaptive", seed, curve(90.0, ours), [(0, 32)], []), base, ACCURACY))
+    summary = {s["policy"]: s for s in summarise(runs)}
+    differences = [0.1, 0.3, 0.2]
+    assert summary["adaptive"]["quality_vs_baseline"] == pytest.approx(0.2)
+    assert summary["adaptive"]["quality_vs_baseline_error"] == pytest.approx(statistics.stdev(differences) / 3**0.5)
+    assert summary["baseline"]["quality_vs_baseline_error"] == 0.0
+    assert "| adaptive | 98.20 ± 1.10 | +0.20 ± 0.06 |" in markdown(summary.values())
+    one_seed = summarise([r for r in runs if r["seed"] == 0])
+    assert [s["quality_vs_baseline_error"] for s in one_seed] == [None, None]
 
 
 def check_record(r: dict, task: str) -> None:

@@ -53,6 +53,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of the mean of ``values``; ``None`` for fewer than two."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+
+
 #: Where in a run (fractions of its samples) the tables show the batch size and the signals.
 FRACTIONS = (0.0, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 FRACTION_NAMES = "0 · 1/8 · 1/4 · 1/2 · 3/4 · end"
@@ -102,6 +107,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, policy), runs in groups.items():
         paired = [(r, baselines[(task, r["seed"])]) for r in runs if (task, r["seed"]) in baselines]
         qualities = [r["final_quality"] for r in runs]
+        differences = [r["final_quality"] - b["final_quality"] for r, b in paired]
         reached = [r for r in runs if r["time_to_baseline_quality"] is not None]
         reached_pairs = [(r, b) for r, b in paired if r["time_to_baseline_quality"] is not None]
         summaries.append({
@@ -111,7 +117,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": len(runs),
             "final_quality": statistics.mean(qualities),
             "final_quality_std": statistics.stdev(qualities) if len(qualities) > 1 else 0.0,
-            "quality_vs_baseline": _mean([r["final_quality"] - b["final_quality"] for r, b in paired]),
+            "quality_vs_baseline": _mean(differences),
+            "quality_vs_baseline_error": _standard_error(differences),
             "wall_s": statistics.mean(r["wall_s"] for r in runs),
             "wall_ratio": _mean([r["wall_s"] / b["wall_s"] for r, b in paired]),
             "cpu_ratio": _mean([r["cpu_s"] / b["cpu_s"] for r, b in paired]),
@@ -137,6 +144,10 @@ def _number(value: float | None, form: str) -> str:
     return "–" if value is None else format(value, form)
 
 
+def _difference(mean: float | None, error: float | None, form: str) -> str:
+    return _number(mean, "+" + form) + ("" if mean is None or error is None else f" ± {error:{form}}")
+
+
 def _series(values: Sequence[float | None], form: str) -> str:
     return " · ".join(_number(value, form) for value in values)
 
@@ -150,7 +161,7 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
     trajectories: dict[str, list[str]] = {}
     for s in summaries:
         lines = sections.setdefault(s["task"], [
-            f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline | wall s | wall × baseline | CPU × baseline "
+            f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline (± s.e., paired by seed) | wall s | wall × baseline | CPU × baseline "
             f"| steps | × baseline | reached baseline's quality | wall to it × baseline's | CPU to it × baseline's "
             f"| final batch |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -158,7 +169,7 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
         digits = ".2f" if s["metric"].startswith("accuracy") else ".4f"
         lines.append(
             f"| {s['policy']} | {s['final_quality']:{digits}} ± {s['final_quality_std']:{digits}} | "
-            f"{_number(s['quality_vs_baseline'], '+' + digits)} | {s['wall_s']:.1f} | {_number(s['wall_ratio'], '.2f')} | "
+            f"{_difference(s['quality_vs_baseline'], s['quality_vs_baseline_error'], digits)} | {s['wall_s']:.1f} | {_number(s['wall_ratio'], '.2f')} | "
             f"{_number(s['cpu_ratio'], '.2f')} | {s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | "
             f"{s['reached']} seeds | {_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
             f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
