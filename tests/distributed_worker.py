@@ -63,7 +63,9 @@ def main(scenario: str, out_dir: str) -> None:
         memory.attach(net)
     ddp = DistributedDataParallel(net)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    schedule = schedules.Adaptive(start=32, warmup=4, interval=4) if scenario == "agree" else \
+    # On the smoothed noise scale (confidence=0): over 32 steps the lower bound stays below the
+    # start, and this scenario needs decisions that change the size.
+    schedule = schedules.Adaptive(start=32, warmup=4, interval=4, confidence=0) if scenario == "agree" else \
         schedules.Step(start=32, factor=4, milestones=[1])
     # Every other step measured (at global batch 32): the ranks must agree on which.
     scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=8, lr_scaling="linear", memory=memory,

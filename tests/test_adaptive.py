@@ -146,25 +146,53 @@ def test_without_step_times_the_batch_grows_as_far_as_the_samples_allow(signal, 
     assert (critical + expected) / (critical + 16) == pytest.approx(1 + extra), "costs exactly the extra samples"
 
 
+def least_time_and_samples(fixed_per_sample: float, critical: float) -> float:
+    """The size minimising ``(B + B_crit)² (a + b·B) / B`` (time times samples to a loss, up to
+    constants), ``r = a / b``: the positive root of ``2B² + r·B - r·B_crit = 0``."""
+    r = fixed_per_sample
+    return (-r + math.sqrt(r * r + 8 * r * critical)) / 4
+
+
 @pytest.mark.parametrize(
     "times, noise_scale, expected",
     [
-        # t(B) = 1 ms + B/64 ms: the fixed cost is 64 samples' worth, so the time-optimal size is √(64 · B_crit).
-        ({32: 1.5e-3, 256: 5e-3}, 400.0, math.sqrt(64 * 400)),
-        ({32: 1.5e-3, 256: 5e-3}, 10_000.0, 512.0),  # √(64 · 10^4) = 800, past twice the largest size timed
+        # t(B) = 1 ms + B/64 ms: the fixed cost is 64 samples' worth.
+        ({32: 1.5e-3, 256: 5e-3}, 400.0, least_time_and_samples(64, 400)),
+        ({32: 1.5e-3, 256: 5e-3}, 10_000.0, 512.0),  # 550 by the rule, past twice the largest size timed
         # Time proportional to the batch: no fixed cost, a larger batch never pays.
         ({16: 1e-3, 32: 2e-3}, 10**6, 16.0),
         # Time flat in the batch: the samples decide, but never past twice the largest size timed.
         ({16: 1e-3, 32: 1e-3}, 10**6, 64.0),
         # One size timed: half its step is taken as fixed cost (a / b = 16), and growth stops at 2 × 16.
-        ({16: 1e-3}, 36.0, math.sqrt(16 * 36)),
+        ({16: 1e-3}, 100.0, least_time_and_samples(16, 100)),
+        ({16: 1e-3}, 36.0, 16.0),  # the rule asks for 13: never below the start
         ({16: 1e-3}, 10**6, 32.0),
     ],
 )
-def test_with_step_times_the_batch_takes_the_time_optimal_size(times, noise_scale, expected):
-    schedule = adaptive(start=16, throughput=True)
+def test_with_step_times_the_batch_takes_the_size_of_least_time_and_samples(times, noise_scale, expected):
+    schedule = adaptive(start=16, throughput=True, extra_samples=0.5)
     sizes = observe(schedule, [noise_scale], step_times=timed(times))
-    assert sizes == [pytest.approx(min(expected, grown(noise_scale, 16)), rel=1e-9)]
+    assert sizes == [pytest.approx(max(16, min(expected, grown(noise_scale, 16, 0.5))), rel=1e-9)]
+
+
+@pytest.mark.parametrize("fixed_per_sample", [0.5, 16.0, 64.0, 1e4])
+@pytest.mark.parametrize("critical", [1.0, 32.0, 600.0, 1e5])
+def test_the_size_of_least_time_and_samples_minimises_their_product_below_the_critical_size(fixed_per_sample,
+                                                                                          critical):
+    """McCandlish et al.: S ∝ 1 + B_crit/B steps of t(B) ∝ r + B seconds, E ∝ 1 + B/B_crit samples.
+    The size asked for minimises the product, and stays below B_crit: a noise scale no larger
+    than the batch (as under Adam, read relative to the start) asks for no growth."""
+    from adabatch.schedules.adaptive import _least_time_and_samples
+
+    def cost(size: float) -> float:
+        return (1 + critical / size) * (fixed_per_sample + size) * (1 + size / critical)
+
+    size = _least_time_and_samples(fixed_per_sample, critical)
+    assert size == pytest.approx(least_time_and_samples(fixed_per_sample, critical), rel=1e-9)
+    assert 0 < size < critical
+    assert cost(size) <= min(cost(size * 0.99), cost(size * 1.01))
+    assert _least_time_and_samples(math.inf, critical) == critical, "a step that costs nothing more per sample"
+    assert _least_time_and_samples(0.0, critical) == 0.0, "no fixed cost: a larger step never pays"
 
 
 def test_step_times_fit_a_line_through_the_sizes_timed():
@@ -520,12 +548,13 @@ def build(num_workers: int = 2) -> Training:
     with torch.no_grad():
         for parameter in model.parameters():
             nn.init.normal_(parameter, generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # A small learning rate keeps the noise scale (hence growth) above the start of 4.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     schedule = schedules.Adaptive(start=4, warmup=4, interval=3, growth_per_epoch=2.0, extra_samples=0.5)
     # A constant learning rate: this run is about growth and resuming, and grows further without the gain.
     scheduler = BatchSizeScheduler(optimizer, schedule, noise_interval=1, min_batch_size=2, max_batch_size=64, lr_scaling="none")
-    # Step times on a simulated clock (a step of b samples: 1 ms + b × 0.1 ms), the same in every run.
-    clock = FakeClock(fixed=1e-3, per_sample=1e-4)
+    # Step times on a simulated clock (a step of b samples: 5 ms + b × 0.1 ms), the same in every run.
+    clock = FakeClock(fixed=5e-3, per_sample=1e-4)
     clock.attach(model)
     scheduler.step_times.clock = clock
     sampler = AdaptiveBatchSampler(RESUME_DATASET, scheduler, shuffle=True, seed=0)

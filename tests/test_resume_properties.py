@@ -50,7 +50,7 @@ def dataset() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(DATASET_SIZE, FEATURES, generator=generator, dtype=torch.float64)
     weights = torch.randn(FEATURES, 1, generator=generator, dtype=torch.float64)
-    targets = features @ weights + 2 * torch.randn(DATASET_SIZE, 1, generator=generator, dtype=torch.float64)
+    targets = features @ weights + 6 * torch.randn(DATASET_SIZE, 1, generator=generator, dtype=torch.float64)
     return TensorDataset(torch.cat([torch.arange(DATASET_SIZE, dtype=torch.float64)[:, None], features], 1), targets)
 
 

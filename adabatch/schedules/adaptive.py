@@ -34,13 +34,17 @@ class Adaptive(Schedule):
     * **Samples.** Growth may cost at most ``extra_samples`` more samples than training at the
       starting size ``B_0`` would: ``(B_crit + B) / (B_crit + B_0) ≤ 1 + extra_samples``. A run
       of a fixed number of epochs then ends where the small batch would, within that fraction.
-    * **Time.** Among the sizes the samples allow, the one with the least wall time. With the
-      step times measured while training (:class:`~adabatch.throughput.StepTimes`) on the line
-      ``t(B) = a + b·B``, that is ``B = √(a·B_crit/b)``: where a larger step costs little more
-      (a GPU far from full) the batch grows; where the time grows with the batch (a busy CPU)
-      it stays small. Before two sizes are timed, half of a step is taken to be fixed cost, and
-      the batch grows at most to twice the largest size timed, so each growth is measured
-      before the next. A size that turns out not to pay is left again.
+    * **Time and samples.** Among the sizes the samples allow, the one with the least product of
+      wall time and samples to a given loss, ``S·t(B) · E ∝ (B + B_crit)² (a + b·B) / B``,
+      with the step times measured while training (:class:`~adabatch.throughput.StepTimes`)
+      on the line ``t(B) = a + b·B``. Goodput (Pollux) weighs the time alone, which suits a
+      run to a target loss; a run of a fixed number of epochs also pays for the samples, in
+      its final quality. The size is ``B_crit`` where a larger step costs no more (a GPU far
+      from full), small where the time grows with the batch (a busy CPU), and always below
+      ``B_crit``: a noise scale no larger than the start asks for no growth. Before two sizes
+      are timed, half of a step is taken to be fixed cost, and the batch grows at most to
+      twice the largest size timed, so each growth is measured before the next. A size that
+      turns out not to pay is left again.
     * **The critical batch size** is the smoothed noise scale ``B_simple`` (``signal=
       "noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``, the smallest batch that
       passes the norm test of Byrd et al. 2012), at the lower end of what the measurements
@@ -167,7 +171,8 @@ class Adaptive(Schedule):
     def target(self, critical: float, start: float, step_times: StepTimes | None = None,
                current: float | None = None) -> float:
         """The size the two terms ask for, before the controller's bounds: the largest the
-        samples allow, lowered to the time-optimal one when step times are weighed."""
+        samples allow, lowered to the one of least time and samples when step times are
+        weighed."""
         by_samples = (1 + self.extra_samples) * (critical + start) - critical
         if not self.throughput or step_times is None:
             return by_samples
@@ -179,8 +184,7 @@ class Adaptive(Schedule):
         else:
             fixed, per_sample = line
             fixed_per_sample = math.inf if per_sample == 0 else fixed / per_sample
-        by_time = math.sqrt(fixed_per_sample * critical) if critical > 0 else 0.0
-        return min(by_samples, by_time, 2 * largest_timed)
+        return min(by_samples, _least_time_and_samples(fixed_per_sample, critical), 2 * largest_timed)
 
     def observe(self, progress: Progress, noise_scale: float, measured_steps: int, current: int, *,
                 largest: float = math.inf, step_times: StepTimes | None = None,
@@ -261,3 +265,17 @@ class Adaptive(Schedule):
         reference = state_dict.get(self._REFERENCE_NOISE)
         self._reference_noise = None if reference is None else check_positive_number(name(self._REFERENCE_NOISE),
                                                                                       reference)
+
+
+def _least_time_and_samples(fixed_per_sample: float, critical: float) -> float:
+    """The size with the least product of wall time and samples to a given loss,
+    ``S·t(B) · E ∝ (B + B_crit)² (a + b·B) / B``, where ``a / b = fixed_per_sample``: the root of
+    ``2b·B² + a·B - a·B_crit = 0``. ``B_crit`` where a larger step costs nothing more, and always
+    below it, so a noise scale no larger than the batch asks for no growth."""
+    if critical <= 0 or fixed_per_sample <= 0:  # no fixed cost: a larger step never pays
+        return 0.0
+    if math.isinf(fixed_per_sample):
+        return critical
+    # (r/4)(√(1 + 8·B_crit/r) - 1), written so that a large r = a/b loses no precision.
+    return 2 * critical / (1 + math.sqrt(1 + 8 * critical / fixed_per_sample))
+
