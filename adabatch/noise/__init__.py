@@ -30,8 +30,9 @@ Where the two batches come from:
   difference of the steps' squared norms, a term of mean zero). The parameters moved between
   the two steps, so the pair is not two batches at one point: the difference between the
   steps' true gradients counts as noise, and ``tr(Σ)`` (hence ``B_simple``) is overestimated,
-  by an amount that grows with the learning rate and the curvature. It costs one copy of the gradients, which a checkpoint taken between the two steps
-  keeps, so a resumed run measures the same steps. A loop that clips the gradient (or rescales
+  by an amount that grows with the learning rate and the curvature. It costs one copy of the
+  gradients, which a checkpoint taken between the two steps keeps, so a resumed run measures
+  the same steps. A loop that clips the gradient (or rescales
   it otherwise as a whole) before ``optimizer.step()`` is measured on the gradients backward
   computed (:class:`~adabatch.noise.backward_norms.BackwardNorms`), on one process.
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
