@@ -28,18 +28,27 @@ def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch
         return None
     scales: dict[torch.Tensor, torch.Tensor] = {}
     for group in optimizer.param_groups:
-        betas, eps = group["betas"], group["eps"]
         # AMSGrad divides by the running maximum of the second moment.
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        parameters, second_moments, corrections = [], [], []
         for parameter in group["params"]:
             if parameter.grad is None:  # never trained (a frozen or unused part): not measured
                 continue
             state = optimizer.state.get(parameter, {})
             if key not in state:
                 return None
-            step = float(state["step"])
-            v_hat = local_tensor(state[key]) / (1 - betas[1] ** step)
-            scales[parameter] = 1 / (v_hat.sqrt() + eps)
+            parameters.append(parameter)
+            second_moments.append(local_tensor(state[key]))
+            corrections.append(1 - group["betas"][1] ** float(state["step"]))
+        if not parameters:
+            continue
+        # One kernel per operation for the whole group: on a small model each tensor operation
+        # costs more than its arithmetic.
+        group_scales = torch._foreach_div(second_moments, corrections)
+        torch._foreach_sqrt_(group_scales)
+        torch._foreach_add_(group_scales, group["eps"])
+        torch._foreach_reciprocal_(group_scales)
+        scales.update(zip(parameters, group_scales))
     return scales
 
 
@@ -77,7 +86,7 @@ class GradientNoiseMeter:
         scales = preconditioner(self.optimizer)
         if scales is None:
             return grads
-        return [grad * scales[p] for grad, p in zip(grads, parameters)]
+        return torch._foreach_mul(grads, [scales[p] for p in parameters])
 
     def _over_ranks(self, values: list[float]) -> list[float]:
         """Statistics of the local slices summed into those of the whole gradients."""
