@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
 from adabatch.noise import NoiseScale
 from adabatch.schedules import Progress
-from adabatch.schedules.adaptive import DEFAULT_START
+from adabatch.schedules.adaptive import DEFAULT_START, _least_time_and_samples
 from adabatch.testing import FakeClock
 from adabatch.throughput import StepTimes
 
@@ -182,8 +182,6 @@ def test_the_size_of_least_time_and_samples_minimises_their_product_below_the_cr
     """McCandlish et al.: S ∝ 1 + B_crit/B steps of t(B) ∝ r + B seconds, E ∝ 1 + B/B_crit samples.
     The size asked for minimises the product, and stays below B_crit: a noise scale no larger
     than the batch (as under Adam, read relative to the start) asks for no growth."""
-    from adabatch.schedules.adaptive import _least_time_and_samples
-
     def cost(size: float) -> float:
         return (1 + critical / size) * (fixed_per_sample + size) * (1 + size / critical)
 
