@@ -162,16 +162,17 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
     for s in summaries:
         lines = sections.setdefault(s["task"], [
             f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline (± s.e., paired by seed) | wall s "
-            f"| wall × baseline | CPU × baseline | steps | × baseline | reached baseline's quality | wall to it × baseline's | CPU to it × baseline's "
-            f"| final batch |",
+            f"| wall × baseline | CPU × baseline | steps | × baseline | reached baseline's quality "
+            f"| wall to it × baseline's | CPU to it × baseline's | final batch |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ])
         digits = ".2f" if s["metric"].startswith("accuracy") else ".4f"
         lines.append(
             f"| {s['policy']} | {s['final_quality']:{digits}} ± {s['final_quality_std']:{digits}} | "
-            f"{_difference(s['quality_vs_baseline'], s['quality_vs_baseline_error'], digits)} | {s['wall_s']:.1f} | "
-            f"{_number(s['wall_ratio'], '.2f')} | {_number(s['cpu_ratio'], '.2f')} | {s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | "
-            f"{s['reached']} seeds | {_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
+            f"{_difference(s['quality_vs_baseline'], s['quality_vs_baseline_error'], digits)} | "
+            f"{s['wall_s']:.1f} | {_number(s['wall_ratio'], '.2f')} | {_number(s['cpu_ratio'], '.2f')} | "
+            f"{s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | {s['reached']} seeds | "
+            f"{_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
             f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
         trajectories.setdefault(s["task"], [
             f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
