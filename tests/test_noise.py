@@ -870,14 +870,14 @@ def test_scheduler_state_dict_carries_the_noise_statistics():
     assert unmeasured.noise_meter is None and unmeasured.state_dict()["noise"] is None
 
 
-def plain_loop_run(stop: int | None, total: int = 12):
+def plain_loop_run(stop: int | None, total: int = 12, optimizer_class: type = torch.optim.SGD):
     """The plain loop at a small learning rate; with ``stop``, checkpointed after ``stop`` steps and
     finished by fresh objects restored from the checkpoint."""
     dataset, solution = least_squares_data()
 
     def build():
         model = least_squares_model(solution)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+        optimizer = optimizer_class(model.parameters(), lr=0.001)
         scheduler = BatchSizeScheduler(optimizer, schedules.Constant(32), measure_noise=True, noise_interval=1)
         sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
         return model, optimizer, scheduler, sampler
@@ -904,11 +904,53 @@ def plain_loop_run(stop: int | None, total: int = 12):
     return objects[2].noise_meter.noise.state_dict()
 
 
-def test_plain_loop_noise_statistics_resume_exactly():
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.Adam], ids=lambda c: c.__name__)
+def test_plain_loop_noise_statistics_resume_exactly(optimizer_class):
     """The fallback's kept gradient is checkpointed (``noise_pair``): the first step after a
-    resume pairs with the last one before it, so the statistics equal the uninterrupted run's."""
-    resumed, uninterrupted = plain_loop_run(stop=5), plain_loop_run(stop=None)
+    resume pairs with the last one before it, so the statistics equal the uninterrupted run's.
+    Every step is measured and kept, under Adam too, where the kept row is not preconditioned."""
+    resumed = plain_loop_run(stop=5, optimizer_class=optimizer_class)
+    uninterrupted = plain_loop_run(stop=None, optimizer_class=optimizer_class)
     assert resumed == uninterrupted
+    assert uninterrupted["grad_sqr"]["updates"] == 11, "every step after the first is paired"
+
+
+def test_plain_loop_pair_is_preconditioned_by_the_measured_steps_second_moments():
+    """Under Adam the two gradients of a pair are divided by the same ``√v̂ + eps``, the one
+    after the measured step: the kept gradient is stored as backward left it."""
+    model, optimizer = adam_after_steps(torch.optim.Adam, 3)
+    meter = GradientNoiseMeter(optimizer)
+    first = set_gradients(model, seed=10)
+    optimizer.step()
+    assert not meter.from_consecutive_steps(16, measure=False, keep=True)
+    assert meter.pairing_state()["gradient"].tolist() == torch.cat([g.flatten() for g in first]).tolist()
+    second = set_gradients(model, seed=11)
+    optimizer.step()
+    assert meter.from_consecutive_steps(16, measure=True, keep=False)
+    (group,) = optimizer.param_groups
+    mixed = difference = 0.0
+    for parameter, g1, g2 in zip(group["params"], first, second):
+        state = optimizer.state[parameter]
+        denominator = (state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8
+        mixed += float((g1 / denominator * g2 / denominator).sum())
+        difference += float(((g1 - g2) / denominator).pow(2).sum())
+    assert (meter.noise.last_grad_sqr, meter.noise.last_grad_var) == pytest.approx((mixed, difference / (2 / 16)),
+                                                                                   rel=1e-9)
+
+
+def test_a_kept_gradient_stored_preconditioned_is_not_paired():
+    """A checkpoint whose kept gradient has no ``preconditioned`` key was written while it was
+    stored preconditioned for Adam: the resumed run skips that pair rather than mix the two."""
+    model, optimizer = adam_after_steps(torch.optim.Adam, 3)
+    meter = GradientNoiseMeter(optimizer)
+    set_gradients(model, seed=10)
+    meter.from_consecutive_steps(16, measure=False, keep=True)
+    state = meter.pairing_state()
+    for key, paired in ((None, True), ("preconditioned", False)):
+        restored = GradientNoiseMeter(optimizer)
+        restored.load_pairing_state({k: v for k, v in state.items() if k != key})
+        set_gradients(model, seed=11)
+        assert restored.from_consecutive_steps(16, measure=True, keep=False) is paired
 
 
 # ---------------------------------------------------------------- which steps are measured

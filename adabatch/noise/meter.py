@@ -3,6 +3,7 @@ gradients preconditioned) and feeds a :class:`~adabatch.noise.NoiseScale`; see :
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -19,18 +20,17 @@ def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
     return all(group.get("betas") is not None and group.get("eps") is not None for group in optimizer.param_groups)
 
 
-def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
-    """``1 / (√v̂ + eps)`` for each parameter with a gradient of an Adam-family optimizer (one
-    with an ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the
-    first step. For a sharded parameter (a DTensor, under FSDP2) it is this rank's slice, shaped
-    as the local slice of the gradient."""
+def _second_moments(optimizer: torch.optim.Optimizer) -> tuple[
+        list[torch.Tensor], list[torch.Tensor], list[float], list[float]] | None:
+    """``(parameters, v, bias corrections, eps)`` for each parameter with a gradient of an
+    Adam-family optimizer (one with an ``exp_avg_sq`` state and ``betas``); ``v`` is this rank's
+    slice where the parameter is sharded. ``None`` for other optimizers and before the first step."""
     if not is_adam_family(optimizer):
         return None
-    scales: dict[torch.Tensor, torch.Tensor] = {}
+    parameters, second_moments, corrections, eps = [], [], [], []
     for group in optimizer.param_groups:
         # AMSGrad divides by the running maximum of the second moment.
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        parameters, second_moments, corrections = [], [], []
         for parameter in group["params"]:
             if parameter.grad is None:  # never trained (a frozen or unused part): not measured
                 continue
@@ -40,16 +40,28 @@ def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch
             parameters.append(parameter)
             second_moments.append(local_tensor(state[key]))
             corrections.append(1 - group["betas"][1] ** float(state["step"]))
-        if not parameters:
-            continue
-        # One kernel per operation for the whole group: on a small model each tensor operation
-        # costs more than its arithmetic.
-        group_scales = torch._foreach_div(second_moments, corrections)
-        torch._foreach_sqrt_(group_scales)
-        torch._foreach_add_(group_scales, group["eps"])
-        torch._foreach_reciprocal_(group_scales)
-        scales.update(zip(parameters, group_scales))
-    return scales
+            eps.append(group["eps"])
+    return parameters, second_moments, corrections, eps
+
+
+def preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor] | None:
+    """``1 / (√v̂ + eps)`` for each parameter with a gradient of an Adam-family optimizer (one
+    with an ``exp_avg_sq`` state and ``betas``), or ``None`` for other optimizers and before the
+    first step. For a sharded parameter (a DTensor, under FSDP2) it is this rank's slice, shaped
+    as the local slice of the gradient."""
+    terms = _second_moments(optimizer)
+    if terms is None:
+        return None
+    parameters, second_moments, corrections, eps = terms
+    if not parameters:
+        return {}
+    # One kernel per operation for all the parameters: on a small model each tensor operation
+    # costs more than its arithmetic.
+    scales = torch._foreach_div(second_moments, corrections)
+    torch._foreach_sqrt_(scales)
+    torch._foreach_add_(scales, eps)
+    torch._foreach_reciprocal_(scales)
+    return dict(zip(parameters, scales))
 
 
 class GradientNoiseMeter:
@@ -74,18 +86,22 @@ class GradientNoiseMeter:
         self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
         self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
         self._shapes: list[torch.Size] | None = None
+        self._numels: list[int] = []
         self._shards: ShardSum | None = None  # how the last gradients read are summed over the ranks
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """The gradients (their local slices, if sharded), in the order of the parameter groups."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._shards = shard_sum(grads)
+        return grads if self._shards is None else [local_tensor(grad) for grad in grads]
 
     def _preconditioned(self) -> list[torch.Tensor]:
         """The gradients (their local slices, if sharded), preconditioned for Adam."""
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in parameters]
-        self._shards = shard_sum(grads)
-        if self._shards is not None:
-            grads = [local_tensor(grad) for grad in grads]
+        grads = self._gradients()
         scales = preconditioner(self.optimizer)
         if scales is None:
             return grads
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         return torch._foreach_mul(grads, [scales[p] for p in parameters])
 
     def _over_ranks(self, values: list[float]) -> list[float]:
@@ -147,7 +163,7 @@ class GradientNoiseMeter:
         restored, self._restored = self._restored, None
         if not (measure or keep):
             return False
-        grads = self._preconditioned()
+        grads = self._gradients()
         if not grads:
             return False
         shapes = [g.shape for g in grads]
@@ -159,10 +175,12 @@ class GradientNoiseMeter:
             with torch.no_grad():
                 self._buffer[row].copy_(gradient)  # type: ignore[index]
             previous = (row, kept_size)
-        # The two steps' gradients take turns in the rows of one flat double-precision buffer:
-        # a step's gradient is one copy into its row, and a pair's three products
-        # (|g|², |g_previous|², g·g_previous) are one Gram product. Each tensor operation here
-        # costs more than its arithmetic, so there are few of them.
+        # The two steps' gradients take turns in the rows of one flat double-precision buffer, as
+        # backward left them (undoing a clip): a step's gradient is one copy into its row. The
+        # pair is preconditioned for Adam once, when it is measured, both gradients by the same
+        # second moments, and its three products (|g|², |g_previous|², g·g_previous) come back
+        # in one transfer. Each tensor operation here costs more than its arithmetic, so there
+        # are few of them.
         row = 0 if previous is None else 1 - previous[0]
         with torch.no_grad():
             _copy(self._rows[row], grads)
@@ -172,8 +190,14 @@ class GradientNoiseMeter:
                 self._previous = (row, batch_size)
             if not measure or previous is None:
                 return False
-            gram = (self._buffer @ self._buffer.T).tolist()
-        grad_sqr, previous_sqr, mixed = self._over_ranks([gram[row][row], gram[1 - row][1 - row], gram[0][1]])
+            current, other = self._buffer[row], self._buffer[1 - row]  # type: ignore[index]
+            scales = self._adam_scales()
+            if scales is not None:
+                other.mul_(scales)  # this pair is its last use
+                # A row kept for the next pair stays as backward left it.
+                current = current * scales if keep else current.mul_(scales)
+            products = torch.stack([current @ current, other @ other, current @ other]).tolist()
+        grad_sqr, previous_sqr, mixed = self._over_ranks(products)
         # Two independent batches give |G|² as the mean of their product, and tr(Σ) from the
         # mean of their squared difference, tr(Σ)(1/B + 1/B_previous). These are McCandlish's
         # two-batch estimates averaged over which of the two is taken as the small batch (with
@@ -182,9 +206,34 @@ class GradientNoiseMeter:
         difference_sqr = grad_sqr + previous_sqr - 2 * mixed
         return self.noise.add(mixed, difference_sqr / (1 / batch_size + 1 / previous[1]))
 
+    @torch.no_grad()
+    def _adam_scales(self) -> torch.Tensor | None:
+        """Adam's ``1 / (√v̂ + eps)`` as one flat double-precision row laid out as the buffer's
+        rows, or ``None`` when the optimizer preconditions nothing (or its parameters with
+        gradients are not those of the buffer)."""
+        terms = _second_moments(self.optimizer)
+        if terms is None or [v.shape for v in terms[1]] != self._shapes:
+            return None
+        _, second_moments, corrections, eps = terms
+        # In the second moments' precision (at least single), as Adam computes it: a square root
+        # in double precision costs several times more on a CPU. Flat, with one kernel per
+        # operation: on a small model each tensor operation costs more than its arithmetic.
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in second_moments), torch.float32)
+        scales = torch.cat([v.flatten() for v in second_moments]).to(dtype)
+        if len(set(corrections)) == 1 and len(set(eps)) == 1:  # one group, or groups alike
+            scales.div_(corrections[0]).sqrt_().add_(eps[0])
+        else:
+            sizes = torch.tensor(self._numels, device=scales.device)
+
+            def per_element(values: list[float]) -> torch.Tensor:
+                return torch.tensor(values, dtype=dtype, device=scales.device).repeat_interleave(sizes)
+
+            scales.div_(per_element(corrections)).sqrt_().add_(per_element(eps))
+        return scales.reciprocal_().to(torch.float64)
+
     def pairing_state(self) -> dict[str, Any] | None:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat
-        double-precision copy, on the gradients' device), or ``None`` when none is kept: a
+        double-precision copy as backward left it, on the gradients' device), or ``None`` when none is kept: a
         checkpoint taken just before a measured step carries it, so the resumed run measures
         that step as the uninterrupted one does. A sharded gradient is not kept (each rank holds
         another slice, and a checkpoint of the scheduler is usually one rank's): the resumed run
@@ -192,7 +241,8 @@ class GradientNoiseMeter:
         if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
-        return {"row": row, "gradient": self._buffer[row].clone(), "batch_size": batch_size}  # type: ignore[index]
+        return {"row": row, "gradient": self._buffer[row].clone(), "batch_size": batch_size,  # type: ignore[index]
+                "preconditioned": False}
 
     def load_pairing_state(self, state: Mapping[str, Any] | None) -> None:
         """Restore what :meth:`pairing_state` returned; the gradient is paired with the next
@@ -210,13 +260,17 @@ class GradientNoiseMeter:
                 or not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"scheduler state_dict['noise_pair'] must be None or hold a row (0 or 1), a flat "
                              f"gradient tensor and a positive batch_size, got {state!r}")
+        # A checkpoint written while the kept gradient was stored preconditioned for Adam has no
+        # "preconditioned" key: that gradient is not paired (one measurement is skipped).
+        if state.get("preconditioned", is_adam_family(self.optimizer)):
+            return
         self._restored = (int(row), gradient, int(batch_size))
 
     def _allocate(self, grads: list[torch.Tensor], shapes: list[torch.Size]) -> None:
         numels = [g.numel() for g in grads]
         self._buffer = torch.zeros(2, sum(numels), dtype=torch.float64, device=grads[0].device)
         self._rows = [[chunk.view(shape) for chunk, shape in zip(row.split(numels), shapes)] for row in self._buffer]
-        self._shapes = shapes
+        self._shapes, self._numels = shapes, numels
 
 
 def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
