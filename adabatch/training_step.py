@@ -280,8 +280,7 @@ class TrainingStep:
         before = attempt.versions_before_update
         if before is None or _versions(self.optimizer) == before:
             return False
-        self.optimizer.zero_grad(set_to_none=True)
-        count(attempt.outcome())
+        self._count_and_clear(attempt, count)
         return True
 
     def _accumulate(

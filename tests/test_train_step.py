@@ -518,6 +518,32 @@ def test_an_error_after_the_update_does_not_update_twice():
         assert torch.allclose(trained, once, rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:the schedule asked for batch size .* more than the memory holds")
+def test_a_step_counted_after_an_error_after_the_update_keeps_its_gradient_for_the_noise_pair():
+    """A batch too small to halve is measured by the plain loop's fallback, which reads the
+    gradients when the step is counted: counted after an error that followed the update, the
+    step keeps its gradient for the next step's pair as any other step does."""
+    dataset = make_dataset(16)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    # Batches of 8 at a floor of 8 cannot be halved; [0, 8) is kept, [8, 16) measured.
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), min_batch_size=8, measure_noise=True,
+                                   noise_interval=16, memory=None)
+    fired = []
+
+    def after_update(*_):
+        if not fired:
+            fired.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB (injected)")
+
+    optimizer.register_step_post_hook(after_update)
+    with pytest.raises(torch.OutOfMemoryError):
+        scheduler.train_step(dataset[:8], mean_loss(model))
+    assert scheduler.steps == 1
+    scheduler.train_step(dataset[8:16], mean_loss(model))
+    assert scheduler.noise_meter.noise.steps == 1
+
+
 def test_a_batch_that_fit_still_trains_when_the_margin_leaves_less_than_one_sample():
     dataset = make_dataset(1)
     model = make_model()
