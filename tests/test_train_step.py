@@ -494,13 +494,8 @@ def test_resumed_scheduler_has_the_same_memory_cap(shrink):
 
 
 # --------------------------------------------------------------------------------- known bugs
-@pytest.mark.filterwarnings("ignore:the schedule asked for batch size .* more than the memory holds")
-def test_an_error_after_the_update_does_not_update_twice():
-    dataset = make_dataset(8)
-    model = make_model()
-    reference = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), memory=None)
+def fail_once_after_the_update(optimizer: torch.optim.Optimizer) -> None:
+    """Raise an out-of-memory error once, after ``optimizer.step()`` has changed the parameters."""
     fired = []
 
     def after_update(*_):
@@ -509,6 +504,16 @@ def test_an_error_after_the_update_does_not_update_twice():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB (injected)")
 
     optimizer.register_step_post_hook(after_update)
+
+
+@pytest.mark.filterwarnings("ignore:the schedule asked for batch size .* more than the memory holds")
+def test_an_error_after_the_update_does_not_update_twice():
+    dataset = make_dataset(8)
+    model = make_model()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), memory=None)
+    fail_once_after_the_update(optimizer)
     with contextlib.suppress(torch.OutOfMemoryError):  # propagating would be a fair answer too
         scheduler.train_step(dataset[:], mean_loss(model))
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=BASE_LR)
@@ -529,14 +534,7 @@ def test_a_step_counted_after_an_error_after_the_update_keeps_its_gradient_for_t
     # Batches of 8 at a floor of 8 cannot be halved; [0, 8) is kept, [8, 16) measured.
     scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), min_batch_size=8, measure_noise=True,
                                    noise_interval=16, memory=None)
-    fired = []
-
-    def after_update(*_):
-        if not fired:
-            fired.append(True)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB (injected)")
-
-    optimizer.register_step_post_hook(after_update)
+    fail_once_after_the_update(optimizer)
     with pytest.raises(torch.OutOfMemoryError):
         scheduler.train_step(dataset[:8], mean_loss(model))
     assert scheduler.steps == 1
