@@ -915,10 +915,22 @@ def test_plain_loop_noise_statistics_resume_exactly(optimizer_class):
     assert uninterrupted["grad_sqr"]["updates"] == 11, "every step after the first is paired"
 
 
-def test_plain_loop_pair_is_preconditioned_by_the_measured_steps_second_moments():
+@pytest.mark.parametrize("groups", ["one", "two"], ids=["one group", "two groups, other eps and steps"])
+def test_plain_loop_pair_is_preconditioned_by_the_measured_steps_second_moments(groups):
     """Under Adam the two gradients of a pair are divided by the same ``√v̂ + eps``, the one
     after the measured step: the kept gradient is stored as backward left it."""
-    model, optimizer = adam_after_steps(torch.optim.Adam, 3)
+    if groups == "one":
+        model, optimizer = adam_after_steps(torch.optim.Adam, 3)
+    else:  # the bias in a group of its own, with another eps, and fewer steps than the weight
+        generator = torch.Generator().manual_seed(3)
+        model = nn.Linear(4, 3, dtype=torch.float64)
+        optimizer = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "eps": 1e-3}], lr=0.01)
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(16, 4, generator=generator, dtype=torch.float64)).pow(2).mean().backward()
+            if step < 2:
+                model.bias.grad = None
+            optimizer.step()
     meter = GradientNoiseMeter(optimizer)
     first = set_gradients(model, seed=10)
     optimizer.step()
@@ -927,11 +939,11 @@ def test_plain_loop_pair_is_preconditioned_by_the_measured_steps_second_moments(
     second = set_gradients(model, seed=11)
     optimizer.step()
     assert meter.from_consecutive_steps(16, measure=True, keep=False)
-    (group,) = optimizer.param_groups
     mixed = difference = 0.0
-    for parameter, g1, g2 in zip(group["params"], first, second):
+    parameters = [(p, group["eps"]) for group in optimizer.param_groups for p in group["params"]]
+    for (parameter, eps), g1, g2 in zip(parameters, first, second):
         state = optimizer.state[parameter]
-        denominator = (state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt() + 1e-8
+        denominator = (state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))).sqrt() + eps
         mixed += float((g1 / denominator * g2 / denominator).sum())
         difference += float(((g1 - g2) / denominator).pow(2).sum())
     assert (meter.noise.last_grad_sqr, meter.noise.last_grad_var) == pytest.approx((mixed, difference / (2 / 16)),

@@ -233,9 +233,9 @@ class GradientNoiseMeter:
 
     def pairing_state(self) -> dict[str, Any] | None:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat
-        double-precision copy as backward left it, on the gradients' device), or ``None`` when none is kept: a
-        checkpoint taken just before a measured step carries it, so the resumed run measures
-        that step as the uninterrupted one does. A sharded gradient is not kept (each rank holds
+        double-precision copy as backward left it, on the gradients' device), or ``None`` when
+        none is kept: a checkpoint taken just before a measured step carries it, so the resumed
+        run measures that step as the uninterrupted one does. A sharded gradient is not kept (each rank holds
         another slice, and a checkpoint of the scheduler is usually one rank's): the resumed run
         skips that one measurement, on every rank alike."""
         if self._previous is None or self._shards is not None:
