@@ -18,6 +18,7 @@ import torch
 from adabatch import BatchSizeScheduler, schedules
 from adabatch.schedules.adaptive import DEFAULT_START
 from benchmarks.suite import TASKS
+from benchmarks.suite.ghost_batch_norm import GhostBatchNorm
 from benchmarks.suite.policies import policies
 from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
 from benchmarks.suite.report import markdown, record, summarise
@@ -194,6 +195,22 @@ def test_the_sweep_scales_the_learning_rate_by_the_square_root_of_the_batch():
     [_, default_start] = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2,
                                   policy_names=["adaptive-16"])
     assert default_start["final_batch_size"] == DEFAULT_START
+
+
+def test_ghost_batch_norm_leaves_the_baseline_and_keeps_a_grown_batch_s_statistics():
+    """``--ghost-batch-norm``: the baseline's batch of 32 trains exactly as with plain BatchNorm;
+    fixed-128 normalises ghost batches of 32, so it trains otherwise."""
+    ghost = TASKS["cnn-sgd"].with_ghost_batch_norm()
+    assert ghost.name == "cnn-sgd+ghost-bn"
+    assert sum(isinstance(m, GhostBatchNorm) and m.virtual_batch_size == 32 for m in ghost.model().modules()) == 3
+    plain = run_task(TASKS["cnn-sgd"], [0], sweep=True, quick=True, max_steps=6, policy_names=["fixed-128"])
+    grown = run_task(ghost, [0], sweep=True, quick=True, max_steps=6, policy_names=["fixed-128"])
+    assert [r["task"] for r in grown] == ["cnn-sgd+ghost-bn"] * 2
+    def qualities(record):  # (samples, steps, quality) at each evaluation, without the times
+        return [(point[0], point[3], point[4]) for point in record["curve"]]
+
+    assert qualities(grown[0]) == qualities(plain[0])
+    assert qualities(grown[1]) != qualities(plain[1])
 
 
 def run_suite(*args: str) -> subprocess.CompletedProcess[str]:

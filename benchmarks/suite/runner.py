@@ -139,6 +139,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"run only these and the baseline (default: {', '.join(DEFAULT_POLICIES)}, and the "
                              f"sweep's with --sweep)")
     parser.add_argument("--sweep", action="store_true", help="add fixed 16-512 (sqrt LR) and three more timetables")
+    parser.add_argument("--ghost-batch-norm", action="store_true",
+                        help="BatchNorm over ghost batches of the baseline's size, for every policy (the tasks "
+                             "are named <task>+ghost-bn)")
     parser.add_argument("--quick", action="store_true", help="tiny data, one epoch: a smoke test")
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
@@ -191,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     file.write(json.dumps(r) + "\n")
 
         for name in args.task:
-            records += run_task(TASKS[name], args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
+            task = TASKS[name].with_ghost_batch_norm() if args.ghost_batch_norm else TASKS[name]
+            records += run_task(task, args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
                                 max_steps=args.max_steps, policy_names=args.policies, done=records, on_record=emit)
         header = (f"`python3 -m benchmarks.suite {' '.join(sys.argv[1:] if argv is None else argv)}`: "
                   f"{len(records) - resumed} runs{f' (and {resumed} read back)' if resumed else ''}, torch threads "

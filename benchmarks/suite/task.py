@@ -9,6 +9,7 @@ user's own ``LambdaLR`` next to adabatch's factor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .ghost_batch_norm import convert_ghost_batch_norm
 from .quality import Metric
 
 __all__ = ["Task", "cosine", "step_decay"]
@@ -65,6 +67,14 @@ class Task:
     clip_grad_norm: float | None = None
     evals_per_epoch: int = 4
     quick_epochs: int = 1
+
+    def with_ghost_batch_norm(self) -> Task:
+        """This task, named ``<name>+ghost-bn``, with its model's BatchNorm layers normalising
+        ghost batches of at most the baseline's size (:func:`adabatch.convert_ghost_batch_norm`):
+        the baseline trains exactly as before, a grown batch keeps its BatchNorm statistics."""
+        build, size = self.model, self.baseline_batch_size
+        return dataclasses.replace(self, name=f"{self.name}+ghost-bn",
+                                   model=lambda: convert_ghost_batch_norm(build(), size))
 
     def epochs_for(self, quick: bool) -> int:
         return self.quick_epochs if quick else self.epochs
