@@ -99,10 +99,10 @@ class GradientNoiseMeter:
         """The gradients (their local slices, if sharded), preconditioned for Adam."""
         grads = self._gradients()
         scales = preconditioner(self.optimizer)
-        if scales is None:
+        if scales is None or not grads:
             return grads
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        return torch._foreach_mul(grads, [scales[p] for p in parameters])
+        # Both walk the parameter groups over the parameters with gradients, in the same order.
+        return torch._foreach_mul(grads, list(scales.values()))
 
     def _over_ranks(self, values: list[float]) -> list[float]:
         """Statistics of the local slices summed into those of the whole gradients."""
@@ -235,9 +235,9 @@ class GradientNoiseMeter:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat
         double-precision copy as backward left it, on the gradients' device), or ``None`` when
         none is kept: a checkpoint taken just before a measured step carries it, so the resumed
-        run measures that step as the uninterrupted one does. A sharded gradient is not kept (each rank holds
-        another slice, and a checkpoint of the scheduler is usually one rank's): the resumed run
-        skips that one measurement, on every rank alike."""
+        run measures that step as the uninterrupted one does. A sharded gradient is not kept
+        (each rank holds another slice, and a checkpoint of the scheduler is usually one rank's):
+        the resumed run skips that one measurement, on every rank alike."""
         if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
