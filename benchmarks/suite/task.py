@@ -70,8 +70,9 @@ class Task:
 
     def with_ghost_batch_norm(self) -> Task:
         """This task, named ``<name>+ghost-bn``, with its model's BatchNorm layers normalising
-        ghost batches of at most the baseline's size (:func:`adabatch.convert_ghost_batch_norm`):
-        the baseline trains exactly as before, a grown batch keeps its BatchNorm statistics."""
+        ghost batches of at most the baseline's size (:func:`.ghost_batch_norm.convert_ghost_batch_norm`,
+        the suite's own): the baseline trains exactly as before, a grown batch keeps its
+        BatchNorm statistics."""
         build, size = self.model, self.baseline_batch_size
         return dataclasses.replace(self, name=f"{self.name}+ghost-bn",
                                    model=lambda: convert_ghost_batch_norm(build(), size))
