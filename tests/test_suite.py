@@ -23,6 +23,8 @@ from benchmarks.suite.policies import policies
 from benchmarks.suite.quality import ACCURACY, Evaluation, Metric, first_reaching
 from benchmarks.suite.report import markdown, record, summarise
 from benchmarks.suite.runner import main, run_task
+from benchmarks.suite.step_cost import main as step_cost_main
+from benchmarks.suite.step_cost import variant_step
 from benchmarks.suite.training import Run, noise_signals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,3 +273,29 @@ def test_a_stopped_suite_resumes_with_the_runs_it_lacks(tmp_path, capsys):
     assert again[0]["final_quality"] == first[2]["final_quality"]  # the same run: seeded, deterministic
     assert [json.loads(line) for line in lines.read_text().splitlines()] == first[:2] + again
     assert "| timetable |" in out.read_text()
+
+
+def test_the_step_cost_benchmark_compares_identical_training():
+    # Adaptive capped at the baseline's batch measures its noise statistics and takes its
+    # decisions, yet trains exactly as the fixed batch does: what it costs is all the benchmark sees.
+    task = TASKS["regression-adam"]
+    train_set, _ = task.data(True)
+    (fixed, fixed_model, _), (adaptive, adaptive_model, scheduler) = (
+        variant_step(task, variant, train_set) for variant in ("fixed", "adaptive"))
+    batches = torch.randint(len(train_set), (60, task.baseline_batch_size), generator=torch.Generator().manual_seed(0))
+    for indices in batches:
+        fixed(indices)
+        adaptive(indices)
+    assert scheduler.noise_meter.noise.steps >= 3
+    assert scheduler.target_at(scheduler.position) == task.baseline_batch_size
+    assert scheduler.lr_factor == 1.0
+    for a, b in zip(fixed_model.parameters(), adaptive_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_step_cost_command_line_prints_its_ratios(capsys):
+    step_cost_main(["--task", "regression-adam", "--quick", "--steps", "40", "--json"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["task"] == "regression-adam" and result["block"] == 2 * 16
+    for variant in ("fixed again", "adaptive"):
+        assert 0 < result[f"{variant}_ratio"] < 10 and result[f"{variant}_ms"] > 0
