@@ -83,7 +83,7 @@ class Adaptive(Schedule):
         confidence (float): standard errors the noise scale is taken below its smoothed
             estimate; 0 takes the estimate as it is. Default: 1.
         extra_samples (float): in ``[0, 1)``, the largest fraction of samples growth may cost
-            over the starting size. Default: 0.05.
+            over the starting size. Default: 0.02.
         throughput (bool): weigh the measured step times; if ``False`` the batch grows as far as
             ``extra_samples`` allows. Default: ``True``.
         growth_per_epoch (float): largest factor of growth within one epoch. Default: 2.
@@ -114,7 +114,7 @@ class Adaptive(Schedule):
         signal: str = "noise_scale",
         theta: float = 0.9,
         confidence: float = 1.0,
-        extra_samples: float = 0.05,
+        extra_samples: float = 0.02,
         throughput: bool = True,
         growth_per_epoch: float = 2.0,
         hysteresis: float = 0.05,
