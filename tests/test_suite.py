@@ -299,3 +299,34 @@ def test_the_step_cost_command_line_prints_its_ratios(capsys):
     assert result["task"] == "regression-adam" and result["block"] == 2 * 16
     for variant in ("fixed again", "adaptive"):
         assert 0 < result[f"{variant}_ratio"] < 10 and result[f"{variant}_ms"] > 0
+
+
+def test_adaptive_options_reach_the_adaptive_policies_and_name_them():
+    chosen = policies(TASKS["cnn-sgd"], sweep=True, adaptive_options={"extra_samples": 0.05, "signal": "norm_test"})
+    adaptive = {p.name: p.schedule(20) for p in chosen if p.name.startswith("adaptive")}
+    assert list(adaptive) == ["adaptive[extra_samples=0.05,signal='norm_test']",
+                              "adaptive-16[extra_samples=0.05,signal='norm_test']"]
+    for schedule in adaptive.values():
+        assert (schedule.extra_samples, schedule.signal) == (0.05, "norm_test")
+    assert [s.start for s in adaptive.values()] == [32, None]
+    assert all(not p.name.startswith("adaptive") or "[" in p.name for p in chosen)
+
+
+def test_adaptive_options_on_the_command_line(tmp_path):
+    out = tmp_path / "suite.md"
+    main(["--task", "regression-adam", "--quick", "--max-steps", "3", "--seeds", "0", "--policies", "adaptive",
+          "--adaptive-options", "extra_samples=0.05", "--json", "--out", str(out)])
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["policy"] for r in records] == ["baseline", "adaptive[extra_samples=0.05]"]
+    assert "| adaptive[extra_samples=0.05] |" in out.read_text()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["extra_samples=2"], "--adaptive-options: extra_samples must be in [0, 1), got 2"),
+    (["budget=0.1"], "--adaptive-options: Adaptive.__init__() got an unexpected keyword argument 'budget'"),
+    (["extra_samples"], "--adaptive-options: 'extra_samples' is not KEY=VALUE"),
+])
+def test_bad_adaptive_options_are_named(options, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "gpt", "--adaptive-options", *options])
+    assert message in capsys.readouterr().err

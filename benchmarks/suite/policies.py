@@ -7,6 +7,10 @@
 * ``timetable``: ``Step(start=baseline, factor=4)`` at 1/4 and 1/2 of the epochs, with the
   timetables' default rule (the learning rate kept: Smith et al. 2018).
 
+``--adaptive-options KEY=VALUE ...`` gives both ``Adaptive`` policies those keyword arguments
+and names them after them, as ``adaptive[extra_samples=0.05]``, so their runs are not mistaken
+for the defaults' in a report.
+
 ``--sweep`` adds ``adaptive-16``, ``schedules.Adaptive()`` without a start (so at its default,
 16), and the oracle's candidates: fixed 16 … 512 with the learning rate scaled by the square
 root of the batch over the baseline's (for SGD too: the linear rule takes SGD at 0.05 to 0.8 at
@@ -21,13 +25,13 @@ root of the batch over the baseline's (for SGD too: the linear rule takes SGD at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from adabatch import schedules
 
 from .task import Task
 
-__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "Policy", "policies"]
+__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "Policy", "base_name", "policies"]
 
 #: The cap of every policy's batch.
 MAX_BATCH_SIZE = 1024
@@ -56,17 +60,25 @@ def _fractions(epochs: int, *fractions: float) -> list[float]:
     return [epochs * fraction for fraction in fractions]
 
 
-def policies(task: Task, sweep: bool = False) -> list[Policy]:
-    """The policies to run on ``task``: the default three, and the sweep's if ``sweep``."""
+def base_name(name: str) -> str:
+    """A policy's name without the options it was run with: ``adaptive`` for ``adaptive[...]``."""
+    return name.split("[", 1)[0]
+
+
+def policies(task: Task, sweep: bool = False, adaptive_options: Mapping[str, Any] | None = None) -> list[Policy]:
+    """The policies to run on ``task``: the default three, and the sweep's if ``sweep``; the
+    ``Adaptive`` ones with ``adaptive_options`` (and named after them) if given."""
     start = task.baseline_batch_size
+    options = dict(adaptive_options or {})
+    suffix = f"[{','.join(f'{key}={value!r}' for key, value in options.items())}]" if options else ""
     chosen = [
         Policy("baseline", lambda epochs: schedules.Constant(start)),
-        Policy("adaptive", lambda epochs: schedules.Adaptive(start=start)),
+        Policy(f"adaptive{suffix}", lambda epochs: schedules.Adaptive(start=start, **options)),
         Policy("timetable", lambda epochs: schedules.Step(start, 4, _fractions(epochs, 1 / 4, 1 / 2))),
     ]
     if not sweep:
         return chosen
-    chosen.append(Policy("adaptive-16", lambda epochs: schedules.Adaptive()))
+    chosen.append(Policy(f"adaptive-16{suffix}", lambda epochs: schedules.Adaptive(**options)))
     for size in SWEEP_BATCH_SIZES:
         if size != start:  # the baseline itself
             chosen.append(Policy(f"fixed-{size}", lambda epochs, size=size: schedules.Constant(size),

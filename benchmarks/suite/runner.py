@@ -3,6 +3,7 @@
 Usage::
 
     python3 -m benchmarks.suite [--task gpt ...] [--seeds 0 1 2] [--sweep] [--quick]
+                                [--adaptive-options extra_samples=0.05 ...]
                                 [--threads 1] [--json] [--out benchmarks/results/suite.md]
     python3 -m benchmarks.suite ... --out benchmarks/results/suite.md --resume   # only the runs missing
     python3 -m benchmarks.suite --report benchmarks/results/suite.jsonl [--out ...]
@@ -15,17 +16,20 @@ process on a 2-core machine, two threads waiting for each other slow a run 3–4
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from adabatch import schedules
+
 from . import TASKS
-from .policies import DEFAULT_POLICIES, Policy, policies
+from .policies import DEFAULT_POLICIES, Policy, base_name, policies
 from .report import markdown, plot, record, summarise
 from .task import Task
 from .training import train
@@ -33,23 +37,27 @@ from .training import train
 __all__ = ["choose_policies", "main", "run_task"]
 
 
-def choose_policies(task: Task, sweep: bool, policy_names: Sequence[str] | None) -> list[Policy]:
-    """The policies of ``task`` named in ``policy_names`` and the baseline, or all if ``None``.
+def choose_policies(task: Task, sweep: bool, policy_names: Sequence[str] | None,
+                    adaptive_options: Mapping[str, Any] | None = None) -> list[Policy]:
+    """The policies of ``task`` named in ``policy_names`` (by their names without options) and
+    the baseline, or all if ``None``.
 
     Raises:
         ValueError: if a name is not one of the task's policies.
     """
-    available = policies(task, sweep)
-    unknown = sorted(set(policy_names or ()) - {p.name for p in available})
+    available = policies(task, sweep, adaptive_options)
+    names = [base_name(p.name) for p in available]
+    unknown = sorted(set(policy_names or ()) - set(names))
     if unknown:
         raise ValueError(f"policy_names has {unknown}, which {task.name} does not run"
-                         f"{'' if sweep else ' without sweep'}; choose from {[p.name for p in available]}")
-    return [p for p in available if policy_names is None or p.name in policy_names or p.name == "baseline"]
+                         f"{'' if sweep else ' without sweep'}; choose from {names}")
+    return [p for p, name in zip(available, names)
+            if policy_names is None or name in policy_names or name == "baseline"]
 
 
 def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bool = False, num_workers: int = 0,
              max_steps: int | None = None, policy_names: Sequence[str] | None = None,
-             done: Sequence[dict[str, Any]] = (),
+             adaptive_options: Mapping[str, Any] | None = None, done: Sequence[dict[str, Any]] = (),
              on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
     """Train ``task`` under its policies for each seed, the baseline first, and return the new records.
 
@@ -61,11 +69,13 @@ def run_task(task: Task, seeds: Sequence[int], *, sweep: bool = False, quick: bo
         num_workers (int): DataLoader worker processes. Default: 0.
         max_steps (int, optional): stop every run after this many optimizer steps. Default: none.
         policy_names (sequence of str, optional): run only these (and the baseline). Default: all.
+        adaptive_options (mapping, optional): keyword arguments of the ``Adaptive`` policies.
+            Default: none (every default).
         done (sequence of dict): records of earlier runs (of any task): the (policy, seed) of
             ``task`` they hold are not run again, and a baseline's gives its seed's target.
         on_record (callable): called with each new record as soon as it exists.
     """
-    chosen = choose_policies(task, sweep, policy_names)
+    chosen = choose_policies(task, sweep, policy_names, adaptive_options)
     finished = {(r["policy"], r["seed"]): r for r in done if r["task"] == task.name}
     if all((policy.name, seed) in finished for seed in seeds for policy in chosen):
         return []
@@ -139,6 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"run only these and the baseline (default: {', '.join(DEFAULT_POLICIES)}, and the "
                              f"sweep's with --sweep)")
     parser.add_argument("--sweep", action="store_true", help="add fixed 16-512 (sqrt LR) and three more timetables")
+    parser.add_argument("--adaptive-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="keyword arguments of the Adaptive policies, which are named after them "
+                             "(as adaptive[extra_samples=0.05])")
     parser.add_argument("--ghost-batch-norm", action="store_true",
                         help="BatchNorm over ghost batches of the baseline's size, for every policy (the tasks "
                              "are named <task>+ghost-bn)")
@@ -156,11 +169,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.out is None:
         parser.error("--resume needs --out: it reads the runs back from the .jsonl next to it")
+    try:
+        args.adaptive_options = _adaptive_options(args.adaptive_options)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--adaptive-options: {error}")
     for name in ("threads", "workers", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'workers' else 1}, got {value}")
     return args
+
+
+def _adaptive_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as keyword arguments (each value a Python literal, or else a string),
+    checked by building an ``Adaptive`` with them."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key.isidentifier():
+            raise ValueError(f"{pair!r} is not KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            options[key] = text
+    schedules.Adaptive(**options)  # raises on an unknown key or a bad value, naming it
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -178,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for name in args.task:  # before any training
             try:
-                choose_policies(TASKS[name], args.sweep, args.policies)
+                choose_policies(TASKS[name], args.sweep, args.policies, args.adaptive_options)
             except ValueError as error:
                 raise SystemExit(f"--policies: {error}") from None
         lines = None if args.out is None else args.out.with_suffix(".jsonl")
@@ -196,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.task:
             task = TASKS[name].with_ghost_batch_norm() if args.ghost_batch_norm else TASKS[name]
             records += run_task(task, args.seeds, sweep=args.sweep, quick=args.quick, num_workers=args.workers,
-                                max_steps=args.max_steps, policy_names=args.policies, done=records, on_record=emit)
+                                max_steps=args.max_steps, policy_names=args.policies,
+                                adaptive_options=args.adaptive_options, done=records, on_record=emit)
         header = (f"`python3 -m benchmarks.suite {' '.join(sys.argv[1:] if argv is None else argv)}`: "
                   f"{len(records) - resumed} runs{f' (and {resumed} read back)' if resumed else ''}, torch threads "
                   f"{args.threads}, {time.perf_counter() - begin:.0f} s in all.")
