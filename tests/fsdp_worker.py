@@ -134,7 +134,10 @@ def adaptive_train_step_against_whole_gradients() -> dict[str, Any]:
     model = sharded(mlp())
     reference = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=32, warmup=4, interval=4, throughput=False),
+    # A samples budget of 5% grows this model's batch within the run, so that the estimator is
+    # checked at more than one size.
+    scheduler = BatchSizeScheduler(optimizer, schedules.Adaptive(start=32, warmup=4, interval=4, throughput=False,
+                                                                 extra_samples=0.05),
                                    min_batch_size=MIN_BATCH_SIZE, memory=None, noise_interval=64)
     expected: list[dict[str, float] | None] = []
 
