@@ -47,7 +47,7 @@ import json
 import random
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +118,12 @@ def make_step(variant: str) -> Callable[[Batch], None]:
     return plain
 
 
-def measure(steps: int, warmup: int = 10) -> dict[str, list[float]]:
-    """Seconds per step of each variant, taking turns step by step in a random order."""
-    batches = make_batches(steps + warmup)
-    step_of = {variant: make_step(variant) for variant in VARIANTS}
-    durations: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    order, shuffle = list(VARIANTS), random.Random(0).shuffle
+def interleave(step_of: dict[str, Callable[[Any], None]], batches: Sequence[Any], warmup: int = 10,
+               seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per step of each variant in ``step_of``, each taking every batch in turn, in a new
+    random order at each batch; the first ``warmup`` batches are not timed."""
+    durations: dict[str, list[float]] = {variant: [] for variant in step_of}
+    order, shuffle = list(step_of), random.Random(seed).shuffle
     for index, batch in enumerate(batches):
         shuffle(order)
         for variant in order:
@@ -132,6 +132,11 @@ def measure(steps: int, warmup: int = 10) -> dict[str, list[float]]:
             if index >= warmup:
                 durations[variant].append(time.perf_counter() - begin)
     return durations
+
+
+def measure(steps: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Seconds per step of each variant, taking turns step by step in a random order."""
+    return interleave({variant: make_step(variant) for variant in VARIANTS}, make_batches(steps + warmup), warmup)
 
 
 def paired_ratio(durations: list[float], baseline: list[float], block: int = BLOCK) -> float:

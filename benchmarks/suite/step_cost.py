@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 from adabatch import BatchSizeScheduler, bn_safe_min_batch_size, schedules
 from adabatch.noise import DEFAULT_NOISE_INTERVAL, MIN_STEPS_PER_MEASUREMENT
-from benchmarks.overhead import paired_ratio
+from benchmarks.overhead import interleave, paired_ratio
 
 from . import TASKS
 from .task import Task
+from .training import plain_step
 
 __all__ = ["VARIANTS", "measure", "step_cost", "variant_step"]
 
@@ -57,13 +56,7 @@ def variant_step(task: Task, variant: str, train_set: torch.utils.data.TensorDat
                                    max_batch_size=size, memory=None)
 
     def step(indices: torch.Tensor) -> None:
-        x, y = train_set[indices]
-        optimizer.zero_grad()
-        task.loss(model, x, y).backward()
-        if task.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
-        optimizer.step()
-        scheduler.step(len(x))
+        plain_step(task, model, optimizer, scheduler, *train_set[indices])
     return step, model, scheduler
 
 
@@ -72,17 +65,8 @@ def measure(task: Task, steps: int, *, quick: bool = False, warmup: int = 10, se
     train_set, _ = task.data(quick)
     generator = torch.Generator().manual_seed(seed)
     batches = torch.randint(len(train_set), (warmup + steps, task.baseline_batch_size), generator=generator)
-    step_of = {variant: variant_step(task, variant, train_set)[0] for variant in VARIANTS}
-    durations: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    order, shuffle = list(VARIANTS), random.Random(seed).shuffle
-    for index, indices in enumerate(batches):
-        shuffle(order)
-        for variant in order:
-            begin = time.perf_counter()
-            step_of[variant](indices)
-            if index >= warmup:
-                durations[variant].append(time.perf_counter() - begin)
-    return durations
+    return interleave({variant: variant_step(task, variant, train_set)[0] for variant in VARIANTS}, batches,
+                      warmup, seed)
 
 
 def step_cost(task: Task, steps: int, *, quick: bool = False) -> dict[str, float]:

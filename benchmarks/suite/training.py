@@ -25,7 +25,7 @@ from .policies import MAX_BATCH_SIZE, Policy
 from .quality import Evaluation
 from .task import Task
 
-__all__ = ["Run", "noise_signals", "train"]
+__all__ = ["Run", "noise_signals", "plain_step", "train"]
 
 
 @dataclass
@@ -59,6 +59,18 @@ def noise_signals(scheduler: BatchSizeScheduler) -> tuple[float, float]:
     noise = meter.noise
     error = noise.standard_errors[0]
     return noise.noise_scale, noise.grad_sqr / error if error > 0 else math.nan
+
+
+def plain_step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: BatchSizeScheduler,
+               x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of the README quickstart's loop on the batch ``(x, y)``: ``zero_grad``, forward,
+    ``backward``, the task's clipping, ``optimizer.step()``, ``scheduler.step(len(x))``."""
+    optimizer.zero_grad()
+    task.loss(model, x, y).backward()
+    if task.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
+    optimizer.step()
+    scheduler.step(len(x))
 
 
 def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_set: TensorDataset, *,
@@ -103,12 +115,7 @@ def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_
         sampler.set_epoch(epoch)
         begin, cpu_begin = time.perf_counter(), time.process_time()
         for x, y in loader:
-            optimizer.zero_grad()
-            task.loss(model, x, y).backward()
-            if task.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
-            optimizer.step()
-            scheduler.step(len(x))
+            plain_step(task, model, optimizer, scheduler, x, y)
             recipe.step()
             size = scheduler.target_at(scheduler.position)
             if size != run.batch_sizes[-1][1]:
