@@ -325,6 +325,7 @@ def test_adaptive_options_on_the_command_line(tmp_path):
     (["extra_samples=2"], "--adaptive-options: extra_samples must be in [0, 1), got 2"),
     (["budget=0.1"], "--adaptive-options: Adaptive.__init__() got an unexpected keyword argument 'budget'"),
     (["extra_samples"], "--adaptive-options: 'extra_samples' is not KEY=VALUE"),
+    (["start=64"], "--adaptive-options: start is each policy's own"),
 ])
 def test_bad_adaptive_options_are_named(options, message, capsys):
     with pytest.raises(SystemExit):

@@ -188,6 +188,8 @@ def _adaptive_options(pairs: Sequence[str]) -> dict[str, Any]:
         key, equals, text = pair.partition("=")
         if not equals or not key.isidentifier():
             raise ValueError(f"{pair!r} is not KEY=VALUE")
+        if key == "start":
+            raise ValueError("start is each policy's own (the baseline's batch; adaptive-16's default)")
         try:
             options[key] = ast.literal_eval(text)
         except (SyntaxError, ValueError):
