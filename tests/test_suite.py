@@ -293,6 +293,14 @@ def test_the_step_cost_benchmark_compares_identical_training():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1, got 0"),
+                                           (["--threads", "0"], "--threads must be at least 1, got 0")])
+def test_step_cost_names_a_bad_argument(args, message, capsys):
+    with pytest.raises(SystemExit):
+        step_cost_main(args)
+    assert message in capsys.readouterr().err
+
+
 def test_the_step_cost_command_line_prints_its_ratios(capsys):
     step_cost_main(["--task", "regression-adam", "--quick", "--steps", "40", "--json"])
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
