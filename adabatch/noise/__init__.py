@@ -35,7 +35,7 @@ Where the two batches come from:
   the same steps; under Adam both gradients are preconditioned once, when the pair is
   measured. A loop that clips the gradient (or rescales it otherwise as a whole) before
   ``optimizer.step()`` is measured on the gradients backward computed
-  (:class:`~adabatch.noise.backward_norms.BackwardNorms`), on one process.
+  (:class:`~adabatch.noise.backward_capture.BackwardCapture`), on one process.
 * Under torch.distributed the per-rank gradient before the all-reduce is ``B_small`` and the
   all-reduced one ``B_big`` (McCandlish et al.: the data-parallel case is free).
 * Under FSDP2 (``fully_shard``) ``train_step`` measures as on one device over the global batch:

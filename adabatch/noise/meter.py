@@ -84,6 +84,7 @@ class GradientNoiseMeter:
         self._previous: tuple[int, int] | None = None  # the kept gradient's row in the buffer, its batch size
         self._restored: tuple[int, torch.Tensor, int] | None = None  # a kept gradient loaded from a checkpoint
         self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
+        self._captured: int | None = None  # the row capture_gradients() filled in this step
         self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
         self._shapes: list[torch.Size] | None = None
         self._numels: list[int] = []
@@ -144,73 +145,99 @@ class GradientNoiseMeter:
         grad_sqr_big = self._sqr_norm(self._preconditioned()) / grad_scale**2
         return self.noise.update(grad_sqr_small, batch_small, grad_sqr_big, batch_big)
 
-    def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True,
-                               rescale: float = 1.0) -> bool:
+    @torch.no_grad()
+    def capture_gradients(self) -> None:
+        """Copy the gradients as they are now into the row the next call of
+        :meth:`from_consecutive_steps` fills, which then copies nothing: called as backward
+        leaves them (:class:`~adabatch.noise.backward_capture.BackwardCapture`), so a rescaling
+        by the loop before the step (a clip) is not read."""
+        self._captured = None
+        grads = self._gradients()
+        # The parameters with gradients may change within a step (with several backward
+        # passes): then the step copies its own.
+        if not grads or (self._shapes is not None and [g.shape for g in grads] != self._shapes):
+            return
+        row = self._row(grads)
+        _copy(self._rows[row], grads)
+        self._captured = row
+
+    def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with the
         previous step's, as two independent batches. Biased: see the module's docstring.
 
         Args:
-            batch_size (int): samples behind this step's gradient.
+            batch_size (int): samples behind this step's gradient, which is the one
+                :meth:`capture_gradients` copied during this step, if it did, else the one the
+                parameters hold now.
             measure (bool): pair this step with the previous one, if that one was kept.
             keep (bool): keep this step's gradient (one flat copy) for the next step's pair.
-            rescale (float): the factor that undoes the loop's rescaling of this step's
-                gradient (see :class:`~adabatch.noise.backward_norms.BackwardNorms`). Default: 1.
 
         Returns:
             whether a pair was counted.
         """
-        previous, self._previous = self._previous, None
-        restored, self._restored = self._restored, None
-        if not (measure or keep):
-            return False
-        grads = self._gradients()
+        captured, self._captured = self._captured, None
+        grads = self._gradients() if measure or keep else []
         if not grads:
+            self._previous = self._restored = None
             return False
-        shapes = [g.shape for g in grads]
-        if shapes != self._shapes:
-            self._allocate(grads, shapes)
-            previous = None  # kept for other parameters: no pair
-        if restored is not None and restored[1].numel() == self._buffer.shape[1]:  # type: ignore[union-attr]
-            row, gradient, kept_size = restored
-            with torch.no_grad():
-                self._buffer[row].copy_(gradient)  # type: ignore[index]
-            previous = (row, kept_size)
-        # The two steps' gradients take turns in the rows of one flat double-precision buffer, as
-        # backward left them (undoing a clip): a step's gradient is one copy into its row. The
-        # pair is preconditioned for Adam once, when it is measured, both gradients by the same
-        # second moments, and its three products (|g|², |g_previous|², g·g_previous) come back
+        row = self._row(grads)
+        previous, self._previous = self._previous, None
+        # The two steps' gradients take turns in the rows of one flat buffer: a step's gradient
+        # is one copy into its row. The pair is preconditioned for Adam once, when it is
+        # measured, both gradients by the same second moments, and its two products come back
         # in one transfer. Each tensor operation here costs more than its arithmetic, so there
         # are few of them.
-        row = 0 if previous is None else 1 - previous[0]
         with torch.no_grad():
-            _copy(self._rows[row], grads)
-            if rescale != 1.0:
-                self._buffer[row].mul_(rescale)  # type: ignore[index]
+            if captured != row:
+                _copy(self._rows[row], grads)
             if keep:
                 self._previous = (row, batch_size)
             if not measure or previous is None:
                 return False
             current, other = self._buffer[row], self._buffer[1 - row]  # type: ignore[index]
-            scales = self._adam_scales()
-            if scales is not None:
-                other.mul_(scales)  # this pair is its last use
+            adam, factor = self._adam_denominators(), 1.0
+            if adam is not None:
+                denominators, factor = adam
+                other.div_(denominators)  # this pair is its last use
                 # A row kept for the next pair stays as backward left it.
-                current = current * scales if keep else current.mul_(scales)
-            products = torch.stack([current @ current, other @ other, current @ other]).tolist()
-        grad_sqr, previous_sqr, mixed = self._over_ranks(products)
+                current = current / denominators if keep else current.div_(denominators)
+            mixed = current @ other
+            # The difference is taken directly, not as a difference of nearly equal squared norms.
+            if keep and adam is None:  # `current` is the kept row itself
+                difference = current - other
+            else:
+                difference = current.sub_(other)
+            products = torch.stack([mixed, difference @ difference]).tolist()
+        mixed, difference_sqr = (factor * factor * value for value in self._over_ranks(products))
         # Two independent batches give |G|² as the mean of their product, and tr(Σ) from the
         # mean of their squared difference, tr(Σ)(1/B + 1/B_previous). These are McCandlish's
         # two-batch estimates averaged over which of the two is taken as the small batch (with
         # equal sizes exactly): the term each single choice adds, a difference of the two
         # squared norms, has mean zero and roughly doubles the variance of |G|²'s estimate.
-        difference_sqr = grad_sqr + previous_sqr - 2 * mixed
         return self.noise.add(mixed, difference_sqr / (1 / batch_size + 1 / previous[1]))
 
+    def _row(self, grads: list[torch.Tensor]) -> int:
+        """The buffer's row for this step's gradient, after allocating the buffer for these
+        gradients if their shapes changed (a kept gradient of other parameters is dropped: no
+        pair) and putting a gradient restored from a checkpoint in its row."""
+        shapes = [g.shape for g in grads]
+        if shapes != self._shapes:
+            self._allocate(grads, shapes)
+            self._previous = None
+        restored, self._restored = self._restored, None
+        if restored is not None and restored[1].numel() == self._buffer.shape[1]:  # type: ignore[union-attr]
+            row, gradient, kept_size = restored
+            with torch.no_grad():
+                self._buffer[row].copy_(gradient)  # type: ignore[index]
+            self._previous = (row, kept_size)
+        return 0 if self._previous is None else 1 - self._previous[0]
+
     @torch.no_grad()
-    def _adam_scales(self) -> torch.Tensor | None:
-        """Adam's ``1 / (√v̂ + eps)`` as one flat double-precision row laid out as the buffer's
-        rows, or ``None`` when the optimizer preconditions nothing (or its parameters with
-        gradients are not those of the buffer)."""
+    def _adam_denominators(self) -> tuple[torch.Tensor, float] | None:
+        """``(denominators, factor)`` such that Adam's preconditioner ``1 / (√v̂ + eps)`` is
+        ``factor / denominators``, the denominators one flat row laid out as the buffer's rows;
+        or ``None`` when the optimizer preconditions nothing (or its parameters with gradients
+        are not those of the buffer)."""
         terms = _second_moments(self.optimizer)
         if terms is None or [v.shape for v in terms[1]] != self._shapes:
             return None
@@ -219,25 +246,25 @@ class GradientNoiseMeter:
         # in double precision costs several times more on a CPU. Flat, with one kernel per
         # operation: on a small model each tensor operation costs more than its arithmetic.
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in second_moments), torch.float32)
-        scales = torch.cat([v.flatten() for v in second_moments]).to(dtype)
+        denominators = torch.cat([v.flatten() for v in second_moments]).to(dtype)
         if len(set(corrections)) == 1 and len(set(eps)) == 1:  # one group, or groups alike
-            scales.div_(corrections[0]).sqrt_().add_(eps[0])
-        else:
-            sizes = torch.tensor(self._numels, device=scales.device)
+            # 1 / (√(v / c) + eps) = √c / (√v + eps √c): the bias correction becomes a number.
+            root = math.sqrt(corrections[0])
+            return denominators.sqrt_().add_(eps[0] * root), root
+        sizes = torch.tensor(self._numels, device=denominators.device)
 
-            def per_element(values: list[float]) -> torch.Tensor:
-                return torch.tensor(values, dtype=dtype, device=scales.device).repeat_interleave(sizes)
+        def per_element(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=denominators.device).repeat_interleave(sizes)
 
-            scales.div_(per_element(corrections)).sqrt_().add_(per_element(eps))
-        return scales.reciprocal_().to(torch.float64)
+        return denominators.div_(per_element(corrections)).sqrt_().add_(per_element(eps)), 1.0
 
     def pairing_state(self) -> dict[str, Any] | None:
-        """The gradient the plain loop's fallback keeps for the next step's pair (one flat
-        double-precision copy as backward left it, on the gradients' device), or ``None`` when
-        none is kept: a checkpoint taken just before a measured step carries it, so the resumed
-        run measures that step as the uninterrupted one does. A sharded gradient is not kept
-        (each rank holds another slice, and a checkpoint of the scheduler is usually one rank's):
-        the resumed run skips that one measurement, on every rank alike."""
+        """The gradient the plain loop's fallback keeps for the next step's pair (one flat copy
+        as backward left it, in the gradients' precision, at least single, on their device), or
+        ``None`` when none is kept: a checkpoint taken just before a measured step carries it,
+        so the resumed run measures that step as the uninterrupted one does. A sharded gradient
+        is not kept (each rank holds another slice, and a checkpoint of the scheduler is usually
+        one rank's): the resumed run skips that one measurement, on every rank alike."""
         if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
@@ -268,9 +295,13 @@ class GradientNoiseMeter:
 
     def _allocate(self, grads: list[torch.Tensor], shapes: list[torch.Size]) -> None:
         numels = [g.numel() for g in grads]
-        self._buffer = torch.zeros(2, sum(numels), dtype=torch.float64, device=grads[0].device)
+        # In the gradients' precision, at least single: the products are accumulated by the
+        # reduction kernels, and nothing here subtracts two nearly equal numbers.
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+        self._buffer = torch.zeros(2, sum(numels), dtype=dtype, device=grads[0].device)
         self._rows = [[chunk.view(shape) for chunk, shape in zip(row.split(numels), shapes)] for row in self._buffer]
         self._shapes, self._numels = shapes, numels
+        self._captured = None
 
 
 def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

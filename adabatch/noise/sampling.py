@@ -4,7 +4,7 @@ see :mod:`adabatch.noise`."""
 from __future__ import annotations
 
 from .._validation import check_positive_int
-from .backward_norms import BackwardNorms
+from .backward_capture import BackwardCapture
 from .meter import GradientNoiseMeter
 
 #: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``)...
@@ -29,7 +29,7 @@ class NoiseSampling:
 
     def __init__(self, interval: int | None = None) -> None:
         self.interval = None if interval is None else check_positive_int("noise_interval", interval)
-        self._backward_norms: BackwardNorms | None = None
+        self._capture: BackwardCapture | None = None
         self._prepared = False
 
     def due(self, start: int, consumed: int) -> bool:
@@ -51,14 +51,14 @@ class NoiseSampling:
         return [sizes[0] - sizes[0] // 2, sizes[0] // 2]
 
     def prepare(self, meter: GradientNoiseMeter, distributed: bool) -> None:
-        """Record the gradients' norms as backward leaves them (:class:`BackwardNorms`), so the
-        plain loop's fallback undoes a rescaling by the loop (gradient clipping); not across
-        ranks, where backward's gradient is not yet averaged."""
-        if self._backward_norms is not None:
-            self._backward_norms.remove()
+        """Copy the gradients of the steps the plain loop's fallback uses as backward leaves them
+        (:class:`BackwardCapture`), so a rescaling by the loop (gradient clipping) is not read;
+        not across ranks, where backward's gradient is not yet averaged."""
+        if self._capture is not None:
+            self._capture.remove()
         self._prepared = True
-        self._backward_norms = None if distributed else BackwardNorms(
-            [p for group in meter.optimizer.param_groups for p in group["params"]])
+        self._capture = None if distributed else BackwardCapture(
+            [p for group in meter.optimizer.param_groups for p in group["params"]], meter.capture_gradients)
 
     def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int,
                            distributed: bool = False) -> bool:
@@ -68,11 +68,8 @@ class NoiseSampling:
         if not self._prepared:  # no sampler bound the scheduler: from the next step on
             self.prepare(meter, distributed)
         measure, keep = self.due(start, consumed), self.due(start + consumed, consumed)
-        norms, rescale = self._backward_norms, 1.0
-        if norms is not None:
-            rescale = norms.unclip_factor() if measure or keep else norms.forget()
-        counted = meter.from_consecutive_steps(batch_size, measure=measure, keep=keep, rescale=rescale)
-        if norms is not None:  # the next step is recorded if it will be measured or kept
+        counted = meter.from_consecutive_steps(batch_size, measure=measure, keep=keep)
+        if self._capture is not None:  # the next step is captured if it will be measured or kept
             after = start + consumed
-            norms.armed = self.due(after, consumed) or self.due(after + consumed, consumed)
+            self._capture.armed = self.due(after, consumed) or self.due(after + consumed, consumed)
         return counted
