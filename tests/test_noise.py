@@ -1035,6 +1035,27 @@ def test_a_loop_that_clips_measures_the_noise_of_the_gradients_backward_computed
     assert clipped == pytest.approx(unclipped, rel=tolerance)
 
 
+def test_a_step_of_several_backward_passes_keeps_their_sum_as_backward_left_it() -> None:
+    """Gradient accumulation, then a clip: the kept gradient is the sum of the passes before
+    the clip, which the last pass's capture holds."""
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, noise_interval=24,
+                                   memory=None)
+    generator = torch.Generator().manual_seed(0)
+    for passes in (1, 2):  # samples [0, 8), then [8, 16): the step before the one that reaches 24
+        optimizer.zero_grad()
+        for _ in range(passes):
+            model(torch.randn(4, 4, generator=generator)).square().mean().backward()
+        summed = torch.cat([p.grad.flatten() for p in model.parameters()])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1 * float(summed.norm()))
+        optimizer.step()
+        scheduler.step(8)
+    kept = scheduler.state_dict()["noise_pair"]
+    assert kept is not None, "the step before a measured one keeps its gradient"
+    assert torch.allclose(kept["gradient"], summed), "the sum of the passes, not the clipped gradient"
+
+
 def test_backward_capture_watches_a_parameter_the_last_step_trained() -> None:
     """One hook, on a parameter that has a gradient when the capture is armed: a model whose
     first parameter gets no gradient is still captured, once per backward pass, before the clip."""
