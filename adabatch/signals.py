@@ -100,7 +100,9 @@ class StepSignals:
         meter = self.noise_meter
         if meter is None:
             return
-        if not noise_handled:
+        if noise_handled:
+            self.noise_sampling.skip_plain_step()
+        else:
             self.noise_sampling.observe_plain_step(meter, local, batch.start, consumed, self.agreement.distributed)
         if self.schedule.needs_noise:
             progress = Progress(samples=position, dataset_size=self.constraints.dataset_size)

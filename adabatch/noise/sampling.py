@@ -60,6 +60,12 @@ class NoiseSampling:
         self._capture = None if distributed else BackwardCapture(
             [p for group in meter.optimizer.param_groups for p in group["params"]], meter.capture_gradients)
 
+    def skip_plain_step(self) -> None:
+        """A step whose measurement ``train_step`` saw to: nothing is captured until the plain
+        loop's fallback next runs (and arms the capture for the steps it will use)."""
+        if self._capture is not None:
+            self._capture.armed = False
+
     def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int,
                            distributed: bool = False) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
