@@ -270,10 +270,10 @@ class GradientNoiseMeter:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat copy
         in the gradients' precision, at least single, on their device, as backward left it or,
         where it was not captured then, as the step did: ``as_backward_left``), or ``None`` when
-        none is kept: a checkpoint taken just before a measured step carries it,
-        so the resumed run measures that step as the uninterrupted one does. A sharded gradient
-        is not kept (each rank holds another slice, and a checkpoint of the scheduler is usually
-        one rank's): the resumed run skips that one measurement, on every rank alike."""
+        none is kept: a checkpoint taken just before a measured step carries it, so the resumed
+        run measures that step as the uninterrupted one does. A sharded gradient is not kept
+        (each rank holds another slice, and a checkpoint of the scheduler is usually one rank's):
+        the resumed run skips that one measurement, on every rank alike."""
         if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
