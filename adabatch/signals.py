@@ -66,10 +66,13 @@ class StepSignals:
         self.noise_sampling = NoiseSampling(noise_interval)
         # What an adaptive schedule weighs the noise against: the time a step takes at each size.
         self.step_times = StepTimes() if schedule.needs_noise else None
+        # For the ranks known now, so that a loop without a sampler is measured from its first
+        # step; a sampler that binds the scheduler prepares it again.
+        self.prepare()
 
     def prepare(self) -> None:
-        """Set up the plain loop's measurement for the ranks as they are now; called when a
-        sampler binds the scheduler (see :meth:`NoiseSampling.prepare
+        """Set up the plain loop's measurement for the ranks as they are now; called when the
+        scheduler is built and when a sampler binds it (see :meth:`NoiseSampling.prepare
         <adabatch.noise.NoiseSampling.prepare>`)."""
         if self.noise_meter is not None:
             self.noise_sampling.prepare(self.noise_meter, self.agreement.distributed)
@@ -103,7 +106,7 @@ class StepSignals:
         if noise_handled:
             self.noise_sampling.skip_plain_step()
         else:
-            self.noise_sampling.observe_plain_step(meter, local, batch.start, consumed, self.agreement.distributed)
+            self.noise_sampling.observe_plain_step(meter, local, batch.start, consumed)
         if self.schedule.needs_noise:
             progress = Progress(samples=position, dataset_size=self.constraints.dataset_size)
             self.schedule.observe(progress, meter.noise.noise_scale, meter.noise.steps, batch.target,

@@ -30,7 +30,6 @@ class NoiseSampling:
     def __init__(self, interval: int | None = None) -> None:
         self.interval = None if interval is None else check_positive_int("noise_interval", interval)
         self._capture: BackwardCapture | None = None
-        self._prepared = False
 
     def due(self, start: int, consumed: int) -> bool:
         """Whether the step over ``[start, start + consumed)`` is measured."""
@@ -56,7 +55,6 @@ class NoiseSampling:
         not across ranks, where backward's gradient is not yet averaged."""
         if self._capture is not None:
             self._capture.remove()
-        self._prepared = True
         self._capture = None if distributed else BackwardCapture(
             [p for group in meter.optimizer.param_groups for p in group["params"]], meter.capture_gradients)
 
@@ -66,13 +64,11 @@ class NoiseSampling:
         if self._capture is not None:
             self._capture.armed = False
 
-    def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int,
-                           distributed: bool = False) -> bool:
+    def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
         due step with the one before it, which keeps its gradient only if the next step
-        (assumed of the same size) will be due. Returns whether a pair was counted."""
-        if not self._prepared:  # no sampler bound the scheduler: from the next step on
-            self.prepare(meter, distributed)
+        (assumed of the same size) will be due. Returns whether a pair was counted. Gradients
+        are captured as backward leaves them once :meth:`prepare` was called."""
         measure, keep = self.due(start, consumed), self.due(start + consumed, consumed)
         counted = meter.from_consecutive_steps(batch_size, measure=measure, keep=keep)
         if self._capture is not None:  # the next step is captured if it will be measured or kept
