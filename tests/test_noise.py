@@ -1098,3 +1098,20 @@ def test_backward_capture_watches_a_parameter_the_last_step_trained() -> None:
     capture.armed = False
     layer(x).sum().backward()
     assert len(captured) == 2, "nothing is captured while disarmed"
+
+
+def test_a_scheduler_built_for_the_same_optimizer_replaces_the_earlier_ones_capture(monkeypatch) -> None:
+    """Each scheduler copies gradients as backward leaves them for its measurement; a second one
+    on the same optimizer (a notebook cell run again) takes over, and the first copies nothing."""
+    copied_by = []
+    capture = GradientNoiseMeter.capture_gradients
+    monkeypatch.setattr(GradientNoiseMeter, "capture_gradients",
+                        lambda self: copied_by.append(self) or capture(self))
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, memory=None)
+    with pytest.warns(UserWarning, match="replaces it"):
+        second = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, memory=None)
+    model(torch.randn(8, 4)).sum().backward()
+    assert copied_by == [second.noise_meter], "only the newer scheduler copies"
+    assert first.noise_meter is not second.noise_meter

@@ -3,6 +3,10 @@ see :mod:`adabatch.noise`."""
 
 from __future__ import annotations
 
+import weakref
+
+import torch
+
 from .._validation import check_positive_int
 from .backward_capture import BackwardCapture
 from .meter import GradientNoiseMeter
@@ -12,6 +16,10 @@ DEFAULT_NOISE_INTERVAL = 512
 
 #: ...and by default at most one step in this many is measured.
 MIN_STEPS_PER_MEASUREMENT = 8
+
+# The capture each optimizer's measurement uses: a scheduler built later for the same optimizer
+# replaces an earlier one's, as it replaces its learning-rate scaling.
+_CAPTURES: weakref.WeakKeyDictionary[torch.optim.Optimizer, BackwardCapture] = weakref.WeakKeyDictionary()
 
 
 class NoiseSampling:
@@ -53,10 +61,13 @@ class NoiseSampling:
         """Copy the gradients of the steps the plain loop's fallback uses as backward leaves them
         (:class:`BackwardCapture`), so a rescaling by the loop (gradient clipping) is not read;
         not across ranks, where backward's gradient is not yet averaged."""
-        if self._capture is not None:
-            self._capture.remove()
+        for earlier in (self._capture, _CAPTURES.pop(meter.optimizer, None)):
+            if earlier is not None:
+                earlier.remove()
         self._capture = None if distributed else BackwardCapture(
             [p for group in meter.optimizer.param_groups for p in group["params"]], meter.capture_gradients)
+        if self._capture is not None:
+            _CAPTURES[meter.optimizer] = self._capture
 
     def skip_plain_step(self) -> None:
         """A step whose measurement ``train_step`` saw to: nothing is captured until the plain
