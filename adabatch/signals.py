@@ -103,9 +103,7 @@ class StepSignals:
         meter = self.noise_meter
         if meter is None:
             return
-        if noise_handled:
-            self.noise_sampling.skip_plain_step()
-        else:
+        if not noise_handled:
             self.noise_sampling.observe_plain_step(meter, local, batch.start, consumed)
         if self.schedule.needs_noise:
             progress = Progress(samples=position, dataset_size=self.constraints.dataset_size)

@@ -1056,24 +1056,6 @@ def test_a_step_of_several_backward_passes_keeps_their_sum_as_backward_left_it()
     assert torch.allclose(kept["gradient"], summed), "the sum of the passes, not the clipped gradient"
 
 
-def test_a_gradient_captured_before_the_clip_is_not_paired_with_one_read_after_it() -> None:
-    """Where capturing begins or ends (the first steps, a change between ``train_step`` and the
-    fallback), one gradient of a pair may be read as backward left it and the other after the
-    loop rescaled it: not comparable, so not paired; the next pair read alike is."""
-    model = nn.Linear(4, 3, dtype=torch.float64)
-    meter = GradientNoiseMeter(torch.optim.SGD(model.parameters(), lr=0.0))
-    set_gradients(model, seed=10)
-    meter.capture_gradients()
-    for p in model.parameters():
-        p.grad.mul_(1e-3)  # as a clip would
-    assert not meter.from_consecutive_steps(16, measure=False, keep=True)
-    assert meter.pairing_state()["as_backward_left"]
-    set_gradients(model, seed=11)  # read as the step left it
-    assert not meter.from_consecutive_steps(16, measure=True, keep=True), "paired across the clip"
-    set_gradients(model, seed=12)
-    assert meter.from_consecutive_steps(16, measure=True, keep=False), "two steps read alike are paired"
-
-
 def test_backward_capture_watches_a_parameter_the_last_step_trained() -> None:
     """One hook, on a parameter that has a gradient when the capture is armed: a model whose
     first parameter gets no gradient is still captured, once per backward pass, before the clip."""

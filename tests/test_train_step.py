@@ -571,24 +571,3 @@ def test_the_default_reference_batch_size_does_not_follow_the_memory_cap():
     assert len(batch[0]) == 4
     assert effective_lrs == [BASE_LR]
     assert scheduler.reference_batch_size == 4
-
-
-def test_steps_that_train_step_measures_itself_copy_no_gradient_for_the_plain_loop(monkeypatch):
-    """The plain loop's fallback copies the gradients of the steps it uses as backward leaves
-    them, from the first step on once a sampler binds the scheduler; under ``train_step``,
-    which measures by halving the batch, it copies none after that first step."""
-    from adabatch.noise import GradientNoiseMeter
-
-    copies = []
-    capture = GradientNoiseMeter.capture_gradients
-    monkeypatch.setattr(GradientNoiseMeter, "capture_gradients", lambda self: copies.append(1) or capture(self))
-    dataset = make_dataset(96)
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
-    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(16), min_batch_size=8, measure_noise=True,
-                                   noise_interval=32, memory=None)
-    sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=False)
-    for batch in DataLoader(dataset, batch_sampler=sampler):  # six steps of 16, halved when measured
-        scheduler.train_step(batch, mean_loss(model))
-    assert scheduler.noise_meter.noise.steps == 3, "the steps reaching 32, 64 and 96 measured by halving"
-    assert len(copies) == 1, "only the first step, whose turn was not known, was copied"

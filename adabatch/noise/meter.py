@@ -82,12 +82,9 @@ class GradientNoiseMeter:
         self.noise = NoiseScale(decay)
         self._small: tuple[float, int] | None = None
         self._previous: tuple[int, int] | None = None  # the kept gradient's row in the buffer, its batch size
-        # A kept gradient loaded from a checkpoint: its row, the gradient, its batch size, how read.
-        self._restored: tuple[int, torch.Tensor, int, bool] | None = None
+        self._restored: tuple[int, torch.Tensor, int] | None = None  # a kept gradient loaded from a checkpoint
         self._buffer: torch.Tensor | None = None  # the plain loop's two flat gradients (2 × parameters)
         self._captured: int | None = None  # the row capture_gradients() filled in this step
-        # Whether each row holds a gradient as backward left it (captured) or as the step did.
-        self._as_backward_left = [False, False]
         self._rows: list[list[torch.Tensor]] = []  # each row's views shaped as the gradients
         self._shapes: list[torch.Size] | None = None
         self._numels: list[int] = []
@@ -163,7 +160,6 @@ class GradientNoiseMeter:
         row = self._row(grads)
         _copy(self._rows[row], grads)
         self._captured = row
-        self._as_backward_left[row] = True
 
     def from_consecutive_steps(self, batch_size: int, measure: bool = True, keep: bool = True) -> bool:
         """The plain loop's fallback: pair this step's gradient (``batch_size`` samples) with the
@@ -194,12 +190,9 @@ class GradientNoiseMeter:
         with torch.no_grad():
             if captured != row:
                 _copy(self._rows[row], grads)
-                self._as_backward_left[row] = False
             if keep:
                 self._previous = (row, batch_size)
-            # A gradient read before the loop's clip (or loss scaling) and one read after it
-            # are not comparable: no pair (where capturing begins or ends).
-            if not measure or previous is None or self._as_backward_left[0] != self._as_backward_left[1]:
+            if not measure or previous is None:
                 return False
             current, other = self._buffer[row], self._buffer[1 - row]  # type: ignore[index]
             adam, factor = self._adam_denominators(), 1.0
@@ -233,11 +226,10 @@ class GradientNoiseMeter:
             self._previous = None
         restored, self._restored = self._restored, None
         if restored is not None and restored[1].numel() == self._buffer.shape[1]:  # type: ignore[union-attr]
-            row, gradient, kept_size, as_backward_left = restored
+            row, gradient, kept_size = restored
             with torch.no_grad():
                 self._buffer[row].copy_(gradient)  # type: ignore[index]
             self._previous = (row, kept_size)
-            self._as_backward_left[row] = as_backward_left
         return 0 if self._previous is None else 1 - self._previous[0]
 
     @torch.no_grad()
@@ -268,17 +260,16 @@ class GradientNoiseMeter:
 
     def pairing_state(self) -> dict[str, Any] | None:
         """The gradient the plain loop's fallback keeps for the next step's pair (one flat copy
-        in the gradients' precision, at least single, on their device, as backward left it or,
-        where it was not captured then, as the step did: ``as_backward_left``), or ``None`` when
-        none is kept: a checkpoint taken just before a measured step carries it, so the resumed
-        run measures that step as the uninterrupted one does. A sharded gradient is not kept
-        (each rank holds another slice, and a checkpoint of the scheduler is usually one rank's):
-        the resumed run skips that one measurement, on every rank alike."""
+        as backward left it, in the gradients' precision, at least single, on their device), or
+        ``None`` when none is kept: a checkpoint taken just before a measured step carries it,
+        so the resumed run measures that step as the uninterrupted one does. A sharded gradient
+        is not kept (each rank holds another slice, and a checkpoint of the scheduler is usually
+        one rank's): the resumed run skips that one measurement, on every rank alike."""
         if self._previous is None or self._shards is not None:
             return None
         row, batch_size = self._previous
         return {"row": row, "gradient": self._buffer[row].clone(), "batch_size": batch_size,  # type: ignore[index]
-                "preconditioned": False, "as_backward_left": self._as_backward_left[row]}
+                "preconditioned": False}
 
     def load_pairing_state(self, state: Mapping[str, Any] | None) -> None:
         """Restore what :meth:`pairing_state` returned; the gradient is paired with the next
@@ -300,8 +291,7 @@ class GradientNoiseMeter:
         # "preconditioned" key: that gradient is not paired (one measurement is skipped).
         if state.get("preconditioned", is_adam_family(self.optimizer)):
             return
-        # Written before this was recorded, the gradient was stored as backward left it.
-        self._restored = (int(row), gradient, int(batch_size), bool(state.get("as_backward_left", True)))
+        self._restored = (int(row), gradient, int(batch_size))
 
     def _allocate(self, grads: list[torch.Tensor], shapes: list[torch.Size]) -> None:
         numels = [g.numel() for g in grads]

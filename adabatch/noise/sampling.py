@@ -69,12 +69,6 @@ class NoiseSampling:
         if self._capture is not None:
             _CAPTURES[meter.optimizer] = self._capture
 
-    def skip_plain_step(self) -> None:
-        """A step whose measurement ``train_step`` saw to: nothing is captured until the plain
-        loop's fallback next runs (and arms the capture for the steps it will use)."""
-        if self._capture is not None:
-            self._capture.armed = False
-
     def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
         due step with the one before it, which keeps its gradient only if the next step
