@@ -1056,6 +1056,19 @@ def test_a_step_of_several_backward_passes_keeps_their_sum_as_backward_left_it()
     assert torch.allclose(kept["gradient"], summed), "the sum of the passes, not the clipped gradient"
 
 
+def test_a_capture_for_other_parameters_is_not_taken_for_the_steps_gradient() -> None:
+    """A gradient set to ``None`` between backward and the step changes the parameters with
+    gradients: the buffer is laid out anew, and the step copies its own gradient into it."""
+    model = nn.ModuleDict({"a": nn.Linear(4, 3, dtype=torch.float64), "b": nn.Linear(4, 3, dtype=torch.float64)})
+    meter = GradientNoiseMeter(torch.optim.SGD(model.parameters(), lr=0.0))
+    set_gradients(model, seed=10)
+    meter.capture_gradients()
+    model["b"].weight.grad = model["b"].bias.grad = None
+    meter.from_consecutive_steps(16, measure=False, keep=True)
+    expected = torch.cat([p.grad.flatten() for p in model["a"].parameters()])
+    assert torch.equal(meter.pairing_state()["gradient"], expected)
+
+
 def test_backward_capture_watches_a_parameter_the_last_step_trained() -> None:
     """One hook, on a parameter that has a gradient when the capture is armed: a model whose
     first parameter gets no gradient is still captured, once per backward pass, before the clip."""
@@ -1091,9 +1104,8 @@ def test_a_scheduler_built_for_the_same_optimizer_replaces_the_earlier_ones_capt
                         lambda self: copied_by.append(self) or capture(self))
     model = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, memory=None)
+    BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, memory=None)
     with pytest.warns(UserWarning, match="replaces it"):
         second = BatchSizeScheduler(optimizer, schedules.Constant(8), measure_noise=True, memory=None)
     model(torch.randn(8, 4)).sum().backward()
     assert copied_by == [second.noise_meter], "only the newer scheduler copies"
-    assert first.noise_meter is not second.noise_meter

@@ -175,12 +175,12 @@ class GradientNoiseMeter:
         Returns:
             whether a pair was counted.
         """
-        captured, self._captured = self._captured, None
         grads = self._gradients() if measure or keep else []
         if not grads:
-            self._previous = self._restored = None
+            self._previous = self._restored = self._captured = None
             return False
-        row = self._row(grads)
+        row = self._row(grads)  # a new buffer for other parameters holds no captured row
+        captured, self._captured = self._captured, None
         previous, self._previous = self._previous, None
         # The two steps' gradients take turns in the rows of one flat buffer: a step's gradient
         # is one copy into its row. The pair is preconditioned for Adam once, when it is
