@@ -264,7 +264,7 @@ class BatchSizeScheduler:
         local = consumed // self.num_replicas
         self.memory.end_step(local if outcome is None else outcome.micro_batch_size)
         self.agreement.apply_memory_cap(self.memory, self.constraints)
-        self.signals.after_step(batch, consumed, local, self.plan.position,
+        self.signals.after_step(batch, consumed, local, self.plan.position, self.plan.batch_at,
                                 noise_handled=outcome is not None and outcome.noise_handled)
         self._factor.after_step(batch, factor_used)
         if self.logger is not None:

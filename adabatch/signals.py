@@ -11,6 +11,8 @@ them after each counted step and hands them to :meth:`Schedule.observe
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ._validation import check_fraction
@@ -87,7 +89,7 @@ class StepSignals:
         return {} if self.noise_meter is None else self.noise_meter.noise.scalars()
 
     def after_step(self, batch: PlannedBatch, consumed: int, local: int, position: int,
-                   noise_handled: bool = False) -> None:
+                   batch_at: Callable[[int], PlannedBatch], noise_handled: bool = False) -> None:
         """Take the signals of the step that trained ``batch``, and feed them to the schedule.
 
         Args:
@@ -95,6 +97,9 @@ class StepSignals:
             consumed (int): samples it trained on, over all ranks.
             local (int): samples this rank trained on.
             position (int): the stream position after it.
+            batch_at (callable): the batch planned after a stream position
+                (:meth:`BatchPlan.batch_at <adabatch.plan.BatchPlan.batch_at>`), read once the
+                schedule has decided, to arm the capture for the coming step.
             noise_handled (bool): ``train_step`` saw to the step's noise measurement, so the
                 plain loop's fallback is not run. Default: ``False``.
         """
@@ -110,3 +115,4 @@ class StepSignals:
             self.schedule.observe(progress, meter.noise.noise_scale, meter.noise.steps, batch.target,
                                   largest=self.constraints.largest(), step_times=self.step_times,
                                   preconditioned=is_adam_family(self.optimizer), noise=meter.noise)
+        self.noise_sampling.arm(batch_at, position, consumed)

@@ -121,6 +121,7 @@ class TrainingStep:
                 collective to agree over them.
         """
         no_sync, gathered = self._gradient_sync(model, no_sync, scaler)
+        self.sampling.disarm()
         if gathered is not None:
             return self._run_gathered(batch, batch_size, loss_fn, gathered, measure, count)
         floor = self.constraints.floor_per_replica

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 from adabatch import AdaptiveBatchSampler, BatchSizeScheduler, schedules
-from adabatch.testing import FakeMemory
+from adabatch.testing import FakeClock, FakeMemory
 from adabatch.noise import BiasCorrectedEMA, GradientNoiseMeter, NoiseSampling, NoiseScale
 
 DATASET_SIZE = 2048
@@ -1054,6 +1054,72 @@ def test_a_step_of_several_backward_passes_keeps_their_sum_as_backward_left_it()
     kept = scheduler.state_dict()["noise_pair"]
     assert kept is not None, "the step before a measured one keeps its gradient"
     assert torch.allclose(kept["gradient"], summed), "the sum of the passes, not the clipped gradient"
+
+
+def _adaptive_loop_rescaling_gradients(scale: float, num_workers: int) -> tuple[dict[str, float], list[int],
+                                                                                   list[torch.Tensor]]:
+    """SGD with momentum under ``Adaptive``, whose batch changes size as it decides and at the
+    balanced ends of epochs; the loop multiplies every gradient by ``scale`` before the step and
+    divides the learning rate by it, which (for a power of two) trains exactly as the plain loop
+    does. The noise statistics, the batch sizes and the parameters at the end."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(3, 1, generator=generator, dtype=torch.float64) + 6 * torch.randn(
+        600, 1, generator=generator, dtype=torch.float64)
+    dataset = TensorDataset(x, y)
+    model = nn.Linear(3, 1, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02 / scale, momentum=0.9)
+    schedule = schedules.Adaptive(start=8, warmup=3, interval=2, extra_samples=0.5, growth_per_epoch=4, confidence=0)
+    scheduler = BatchSizeScheduler(optimizer, schedule, min_batch_size=4, max_batch_size=48, noise_interval=32,
+                                   memory=None)
+    clock = FakeClock(fixed=1e-2, per_sample=1e-4)  # growth pays
+    clock.attach(model)
+    scheduler.step_times.clock = clock
+    sampler = AdaptiveBatchSampler(dataset, scheduler, shuffle=True, seed=0)
+    sizes = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for inputs, targets in DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers):
+            optimizer.zero_grad()
+            F.mse_loss(model(inputs), targets).backward()
+            for parameter in model.parameters():
+                parameter.grad.mul_(scale)
+            optimizer.step()
+            scheduler.step(len(inputs))
+            sizes.append(len(inputs))
+    return scheduler.noise_meter.noise.scalars(), sizes, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_steps_of_a_size_the_schedule_just_decided_are_read_as_backward_left_them(num_workers) -> None:
+    """Which step is measured or kept depends on its size; the capture is armed for the batch the
+    plan holds once the schedule has decided, so a step whose size just changed (or an epoch's
+    balanced last batches) is read before the loop rescales it, like every other."""
+    noise, sizes, parameters = _adaptive_loop_rescaling_gradients(1.0, num_workers)
+    rescaled_noise, rescaled_sizes, rescaled_parameters = _adaptive_loop_rescaling_gradients(0.5, num_workers)
+    assert len(set(sizes)) >= 5, "the batch changed size several times"
+    assert rescaled_sizes == sizes
+    assert rescaled_noise == noise
+    assert all(torch.equal(a, b) for a, b in zip(rescaled_parameters, parameters))
+
+
+def test_train_step_copies_no_gradient_for_the_plain_loops_measurement(monkeypatch) -> None:
+    """``train_step`` measures its own steps (halved) and reads the rest as it leaves them: no
+    copy is made as backward leaves the gradients, and no flat buffer of them is kept."""
+    copies = []
+    capture = GradientNoiseMeter.capture_gradients
+    monkeypatch.setattr(GradientNoiseMeter, "capture_gradients", lambda self: copies.append(1) or capture(self))
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = BatchSizeScheduler(optimizer, schedules.Constant(16), measure_noise=True, noise_interval=32,
+                                   memory=None)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        batch = (torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))
+        scheduler.train_step(batch, lambda b: F.mse_loss(model(b[0]), b[1]))
+    assert scheduler.noise_meter.noise.steps == 6
+    assert copies == [] and scheduler.noise_meter.pairing_state() is None
 
 
 def test_a_capture_for_other_parameters_is_not_taken_for_the_steps_gradient() -> None:

@@ -9,8 +9,10 @@ gradients of a step the measurement uses are copied as each backward pass leaves
 several passes per step, the last copy holds the sum): the noise statistics are those of the
 gradients backward computed, and the step itself copies nothing more.
 
-Only steps the noise measurement uses are captured: the hook is registered a step ahead and
-removed after. One hook suffices, since it only asks for the copy once the backward pass has
+Only steps the noise measurement uses are captured: the hook is registered a step ahead, for
+the batch the plan holds once the schedule has decided (:meth:`NoiseSampling.arm
+<adabatch.noise.NoiseSampling.arm>`), and removed after; ``train_step``, which never lets the loop
+rescale, disarms it. One hook suffices, since it only asks for the copy once the backward pass has
 ended; it goes on a parameter the last step trained, and a step that gives that parameter no
 gradient is read as it is at the step. Under torch.distributed the hook would see each rank's
 gradient before it is averaged, so it is not used there; nor does it fire on a parameter whose

@@ -4,12 +4,16 @@ see :mod:`adabatch.noise`."""
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .._validation import check_positive_int
 from .backward_capture import BackwardCapture
 from .meter import GradientNoiseMeter
+
+if TYPE_CHECKING:
+    from ..plan import PlannedBatch
 
 #: Default samples per measurement (``BatchSizeScheduler(noise_interval=...)``)...
 DEFAULT_NOISE_INTERVAL = 512
@@ -72,11 +76,34 @@ class NoiseSampling:
     def observe_plain_step(self, meter: GradientNoiseMeter, batch_size: int, start: int, consumed: int) -> bool:
         """The plain loop's fallback for a step of ``batch_size`` samples on this rank: pair a
         due step with the one before it, which keeps its gradient only if the next step
-        (assumed of the same size) will be due. Returns whether a pair was counted. Gradients
-        are captured as backward leaves them once :meth:`prepare` was called."""
+        (assumed of the same size) will be due. Returns whether a pair was counted. The
+        gradients read are those :meth:`arm` had captured as backward left them, if it did."""
         measure, keep = self.due(start, consumed), self.due(start + consumed, consumed)
-        counted = meter.from_consecutive_steps(batch_size, measure=measure, keep=keep)
-        if self._capture is not None:  # the next step is captured if it will be measured or kept
-            after = start + consumed
-            self._capture.armed = self.due(after, consumed) or self.due(after + consumed, consumed)
-        return counted
+        return meter.from_consecutive_steps(batch_size, measure=measure, keep=keep)
+
+    def reads(self, start: int, consumed: int) -> bool:
+        """Whether the plain loop's fallback reads the gradient of the step over ``[start, start
+        + consumed)``: to measure it, or to keep it for the next step's pair."""
+        return self.due(start, consumed) or self.due(start + consumed, consumed)
+
+    def arm(self, batch_at: Callable[[int], PlannedBatch], position: int, consumed: int) -> None:
+        """Capture the coming step's gradients as backward leaves them if the fallback will read
+        them. The last step ended at stream ``position`` with ``consumed`` samples (global);
+        ``batch_at(position)`` is the coming batch as planned once the schedule took its
+        decision. A coming step as large as the last is armed for too, for a loop whose
+        batches the plan does not know (one without a sampler): capturing a step the fallback
+        does not read costs a copy, nothing more."""
+        if self._capture is None:
+            return
+        armed = self.reads(position, consumed)
+        if not armed:
+            coming = batch_at(position)
+            armed = self.reads(coming.start, coming.size)
+        self._capture.armed = armed
+
+    def disarm(self) -> None:
+        """Capture nothing until the next :meth:`arm`: ``train_step`` runs the backward passes
+        and the step itself, so the fallback reads its gradients as the step leaves them
+        (averaged, unscaled, never clipped)."""
+        if self._capture is not None:
+            self._capture.armed = False
