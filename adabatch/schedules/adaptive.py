@@ -41,10 +41,12 @@ class Adaptive(Schedule):
       run to a target loss; a run of a fixed number of epochs also pays for the samples, in
       its final quality. The size is ``B_crit`` where a larger step costs no more (a GPU far
       from full), small where the time grows with the batch (a busy CPU), and always below
-      ``B_crit``: a noise scale no larger than the start asks for no growth. Before two sizes
-      are timed, half of a step is taken to be fixed cost, and the batch grows at most to
-      twice the largest size timed, so each growth is measured before the next. A size that
-      turns out not to pay is left again.
+      ``B_crit``: a noise scale no larger than the start asks for no growth. The line goes
+      through the sizes timed recently, its slope taken ``confidence`` standard errors low, so
+      that neither the drift of a shared machine nor the noise between two close sizes reads as
+      a cost of growing. Before two sizes are timed, half of a step is taken to be fixed cost,
+      and the batch grows at most to twice the largest size timed, so each growth is measured
+      before the next. A size that turns out not to pay is left again.
     * **The critical batch size** is the smoothed noise scale ``B_simple`` (``signal=
       "noise_scale"``), or ``B_simple / θ²`` (``signal="norm_test"``, the smallest batch that
       passes the norm test of Byrd et al. 2012), at the lower end of what the measurements
@@ -81,7 +83,8 @@ class Adaptive(Schedule):
         signal (str): ``"noise_scale"`` or ``"norm_test"``. Default: ``"noise_scale"``.
         theta (float): the norm test's ``θ``. Default: 0.9.
         confidence (float): standard errors the noise scale is taken below its smoothed
-            estimate; 0 takes the estimate as it is. Default: 1.
+            estimate, and the step times' cost per sample below its fitted one; 0 takes the
+            estimates as they are. Default: 1.
         extra_samples (float): in ``[0, 1)``, the largest fraction of samples growth may cost
             over the starting size. Default: 0.02.
         throughput (bool): weigh the measured step times; if ``False`` the batch grows as far as
@@ -178,7 +181,7 @@ class Adaptive(Schedule):
             return by_samples
         timed = step_times.sizes
         largest_timed = max(timed, default=current if current is not None else start)
-        line = step_times.line()
+        line = step_times.line(self.confidence)
         if line is None:  # one size timed: half of its step taken as fixed cost, so a / b = B
             fixed_per_sample = largest_timed
         else:
