@@ -11,10 +11,10 @@ Every optimizer step is timed from the previous ``scheduler.step()`` call to thi
 time includes the data loading and the rest of the loop as the user runs it. A step's time is
 noisy (an evaluation pass or a checkpoint in the loop makes one step look slow), so each size
 keeps the median of a window of steps, and the windows' median. It also drifts: on a shared
-machine the same step can take a fifth longer for a thousand steps, then recover. Only the size being
-trained is timed anew, so comparing it with a size last timed long before would read the drift
-as a cost of the batch size; a size not trained for ``horizon`` windows is therefore forgotten,
-and the sizes compared are those timed close together. Under torch.distributed the
+machine the same step can take a fifth longer for a thousand steps, then recover. Only the size
+being trained is timed anew, so comparing it with a size last timed long before would read the
+drift as a cost of the batch size; a size not trained for ``horizon`` windows is therefore
+forgotten, and the sizes compared are those timed close together. Under torch.distributed the
 ranks time different steps; every ``window`` steps they average their medians (one all-reduce of
 a few numbers), so every rank holds the same table and takes the same decisions.
 """
@@ -140,7 +140,8 @@ class StepTimes:
         if not spreads:
             return 0.0
         pooled = statistics.median(spreads.values())
-        return math.sqrt(sum((w * spreads.get(size, pooled) * t) ** 2 for size, w, t in zip(sizes, weights, times)))
+        return math.sqrt(sum((w * spreads.get(size, pooled) * t) ** 2
+                             for size, w, t in zip(sizes, weights, times)))
 
     def state_dict(self) -> dict[str, Any]:
         """The summarised table and the window in progress, as a new dict, so that a resumed run
@@ -172,7 +173,7 @@ class StepTimes:
         pending = self._rows(window[1:], minimum=1)
         ages = state_dict.get(self.AGES, [[size, 0] for size in table])  # absent from a state saved without ages
         if not isinstance(ages, list) or not all(
-                isinstance(row, (list, tuple)) and len(row) == 2 and row[0] in table and is_integer(row[1])
+                isinstance(row, (list, tuple)) and len(row) == 2 and is_integer(row[0]) and is_integer(row[1])
                 and 0 <= row[1] < self.horizon for row in ages) or sorted(row[0] for row in ages) != sorted(table):
             raise ValueError(f"step times state_dict[{self.AGES!r}] must hold [batch_size, windows] for each size of "
                              f"the table, with 0 <= windows < horizon={self.horizon}, got {ages!r}")

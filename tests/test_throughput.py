@@ -114,7 +114,10 @@ def test_a_resumed_run_summarises_at_the_same_steps_and_times_the_step_after_the
         ({"table": [[16, -1.0]]}, "step times state_dict rows are [batch_size, seconds, ...], got [16, -1.0]"),
         ({"table": [], "window": [9]}, "step times state_dict['window'] must be [steps, [batch_size, seconds...]...]"),
         ({"table": [], "running": 1}, "step times state_dict['running'] must be True or False, got 1"),
-        ({"table": [[16, 1.0]], "ages": [[32, 0]]}, "step times state_dict['ages'] must hold [batch_size, windows] for each size"),
+        ({"table": [[16, 1.0]], "ages": [[32, 0]]},
+         "step times state_dict['ages'] must hold [batch_size, windows] for each size"),
+        ({"table": [[16, 1.0]], "ages": [[[16], 0]]},
+         "step times state_dict['ages'] must hold [batch_size, windows] for each size"),
         ({"table": [[16, 1.0]], "ages": [[16, 32]]}, "with 0 <= windows < horizon=32, got [[16, 32]]"),
     ],
 )
