@@ -125,11 +125,16 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "steps": statistics.mean(r["steps"] for r in runs),
             "steps_ratio": _mean([r["steps"] / b["steps"] for r, b in paired]),
             "reached": f"{len(reached)}/{len(runs)}",
+            "reached_seeds": len(reached),
             "time_to_baseline_quality": _mean([r["time_to_baseline_quality"] for r in reached]),
             "time_to_baseline_quality_ratio": _mean([r["time_to_baseline_quality"] / b["wall_s"]
                                                      for r, b in reached_pairs]),
             "cpu_to_baseline_quality_ratio": _mean([r["cpu_to_baseline_quality"] / b["cpu_s"]
                                                     for r, b in reached_pairs]),
+            "cpu_to_quality_vs_baseline": _mean([r["cpu_to_baseline_quality"] / b["cpu_to_baseline_quality"]
+                                                 for r, b in reached_pairs]),
+            "steps_to_quality_vs_baseline": _mean([r["steps_to_baseline_quality"] / b["steps_to_baseline_quality"]
+                                                   for r, b in reached_pairs]),
             "steps_to_baseline_quality": _mean([r["steps_to_baseline_quality"] for r in reached]),
             "final_batch_size": statistics.median(r["final_batch_size"] for r in runs),
             "batch_size_at": _median_at(runs, "batch_sizes", 0),
@@ -153,35 +158,61 @@ def _series(values: Sequence[float | None], form: str) -> str:
 
 
 def markdown(summaries: Iterable[dict[str, Any]]) -> str:
-    """Two markdown tables per task: quality, time, steps and time to the baseline's final
-    quality, as ratios to the baseline's whole run (wall time, and CPU time); then the batch
-    size, the noise scale and the learning-rate factor along the run (medians over seeds), and
-    the share of evaluations at which the measured ``|G|²`` was resolved."""
+    """Two markdown tables per task: quality, time, steps, and the CPU time and steps to the
+    baseline's final quality (as ratios to the baseline's whole run, and to its own time and
+    steps to it); then the batch size, the noise scale and the learning-rate factor along the
+    run (medians over seeds), and the share of evaluations at which the measured ``|G|²`` was
+    resolved; then the policy that reached that quality first at every seed."""
     sections: dict[str, list[str]] = {}
     trajectories: dict[str, list[str]] = {}
+    by_task: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         lines = sections.setdefault(s["task"], [
             f"| policy | final {s['metric']} (mean ± std) | Δ vs baseline (± s.e., paired by seed) | wall s "
             f"| wall × baseline | CPU × baseline | steps | × baseline | reached baseline's quality "
-            f"| wall to it × baseline's | CPU to it × baseline's | final batch |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| CPU to it × baseline's run | CPU to it × baseline's own | steps to it × baseline's own | final batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ])
+        by_task.setdefault(s["task"], []).append(s)
         digits = ".2f" if s["metric"].startswith("accuracy") else ".4f"
         lines.append(
             f"| {s['policy']} | {s['final_quality']:{digits}} ± {s['final_quality_std']:{digits}} | "
             f"{_difference(s['quality_vs_baseline'], s['quality_vs_baseline_error'], digits)} | "
             f"{s['wall_s']:.1f} | {_number(s['wall_ratio'], '.2f')} | {_number(s['cpu_ratio'], '.2f')} | "
             f"{s['steps']:,.0f} | {_number(s['steps_ratio'], '.2f')} | {s['reached']} seeds | "
-            f"{_number(s['time_to_baseline_quality_ratio'], '.2f')} | "
-            f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | {s['final_batch_size']:g} |")
+            f"{_number(s['cpu_to_baseline_quality_ratio'], '.2f')} | "
+            f"{_number(s['cpu_to_quality_vs_baseline'], '.2f')} | {_number(s['steps_to_quality_vs_baseline'], '.2f')} | "
+            f"{s['final_batch_size']:g} |")
         trajectories.setdefault(s["task"], [
             f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
             f"LR factor (adabatch's) at the same | evaluations with \\|G\\|² resolved |",
             "|---|---|---|---|---|",
         ]).append(f"| {s['policy']} | {_series(s['batch_size_at'], 'g')} | {_series(s['noise_scale_at'], '.3g')} | "
                   f"{_series(s['lr_factor_at'], '.2f')} | {_number(s['resolved'], '.0%')} |")
-    return "\n\n".join(f"### {task}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(trajectories[task])
-                       for task, lines in sections.items())
+    return "\n\n".join(
+        "\n\n".join(part for part in (f"### {task}", "\n".join(lines), "\n".join(trajectories[task]),
+                                       _fastest(by_task[task])) if part)
+        for task, lines in sections.items())
+
+
+def _fastest(summaries: Sequence[dict[str, Any]]) -> str:
+    """A line naming the policy that reached the baseline's quality at every seed in the least
+    CPU time (as a fraction of the baseline's own), and each ``adaptive`` policy's time beside it."""
+    reliable = [s for s in summaries if s["cpu_to_quality_vs_baseline"] is not None
+                and s["reached_seeds"] == s["seeds"]]
+    if not reliable:  # no baseline among the records
+        return ""
+    best = min(reliable, key=lambda s: s["cpu_to_quality_vs_baseline"])
+    line = (f"Fastest to the baseline's quality at every seed: `{best['policy']}`, "
+            f"{best['cpu_to_quality_vs_baseline']:.2f} of the baseline's CPU time to it "
+            f"({best['seeds']} seed{'' if best['seeds'] == 1 else 's'}).")
+    for s in summaries:
+        if s["policy"].startswith("adaptive") and s["policy"] != best["policy"]:
+            ratio = s["cpu_to_quality_vs_baseline"]
+            line += (f" `{s['policy']}`: " + ("never reached it" if ratio is None else
+                     f"{ratio:.2f} ({s['reached']} seeds), ×{ratio / best['cpu_to_quality_vs_baseline']:.2f} the fastest")
+                     + ".")
+    return line
 
 
 def plot(records: Sequence[dict[str, Any]], task: str, path: Path) -> None:
