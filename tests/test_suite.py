@@ -29,7 +29,8 @@ from benchmarks.suite.training import Run, noise_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = Metric("bits/char", higher_is_better=False, tolerance=0.01)
-FIELDS = {"task": str, "policy": str, "seed": int, "metric": str, "final_quality": float, "wall_s": float, "cpu_s": float,
+FIELDS = {"task": str, "policy": str, "seed": int, "metric": str, "final_quality": float,
+          "final_train_quality": float, "wall_s": float, "cpu_s": float,
           "steps": int, "samples": int, "baseline_quality": float, "final_batch_size": int,
           "batch_sizes": list, "curve": list, "signals": list}
 OPTIONAL_FIELDS = {"time_to_baseline_quality": float, "cpu_to_baseline_quality": float, "steps_to_baseline_quality": int,
@@ -120,6 +121,20 @@ def test_the_report_names_the_fastest_policy_that_reached_the_baseline_s_quality
     assert "Fastest" not in markdown(summarise([r for r in runs if r["policy"] != "baseline"]))
 
 
+def test_the_report_gives_the_mean_final_quality_on_the_training_set():
+    runs = []
+    for seed, train_quality in enumerate([99.5, 99.9]):
+        run = Run("t", "baseline", seed, curve(90.0, 91.0), [(0, 32)], [], train_quality=train_quality)
+        runs.append(record(run, 91.0, ACCURACY))
+    assert [r["final_train_quality"] for r in runs] == [99.5, 99.9]
+    [summary] = summarise(runs)
+    assert summary["train_quality"] == pytest.approx(99.7)
+    assert markdown([summary]).split("\n\n")[2].endswith("| – | 99.70 |")  # unmeasured noise, then the column
+    older = [{key: value for key, value in r.items() if key != "final_train_quality"} for r in runs]
+    [summary] = summarise(older)  # records written before the column
+    assert summary["train_quality"] is None and markdown([summary]).split("\n\n")[2].endswith("| – | – |")
+
+
 def test_the_difference_to_the_baseline_has_a_standard_error_paired_by_seed():
     """Seeds differ more from each other than a policy from the baseline at the same seed: the
     error is that of the per-seed differences, not of either policy's qualities."""
@@ -144,6 +159,7 @@ def check_record(r: dict, task: str) -> None:
     for name, kind in OPTIONAL_FIELDS.items():
         assert r[name] is None or isinstance(r[name], kind), (name, r[name])
     assert r["steps"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and math.isfinite(r["final_quality"])
+    assert math.isfinite(r["final_train_quality"])
     assert r["curve"][-1][4] == r["final_quality"] and r["curve"][-1][3] == r["steps"]
     assert r["batch_sizes"][0][0] == 0 and r["final_batch_size"] == r["batch_sizes"][-1][1]
     assert all(len(point) == 4 for point in r["signals"])  # samples, noise scale, LR factor, resolution

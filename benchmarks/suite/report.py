@@ -32,6 +32,7 @@ def record(run: Run, target: float, metric: Metric) -> dict[str, Any]:
         "seed": run.seed,
         "metric": metric.name,
         "final_quality": run.final.quality,
+        "final_train_quality": run.train_quality,
         "wall_s": round(run.final.wall_s, 3),
         "cpu_s": round(run.final.cpu_s, 3),
         "steps": run.final.steps,
@@ -141,6 +142,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "noise_scale_at": _median_at(runs, "signals", 0),
             "lr_factor_at": _median_at(runs, "signals", 1),
             "resolved": _resolved(runs),
+            "train_quality": _mean([r["final_train_quality"] for r in runs
+                                    if r.get("final_train_quality") is not None]),
         })
     return summaries
 
@@ -161,8 +164,8 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
     """Two markdown tables per task: quality, time, steps, and the CPU time and steps to the
     baseline's final quality (as ratios to the baseline's whole run, and to its own time and
     steps to it); then the batch size, the noise scale and the learning-rate factor along the
-    run (medians over seeds), and the share of evaluations at which the measured ``|G|²`` was
-    resolved; then the policy that reached that quality first at every seed."""
+    run (medians over seeds), the share of evaluations at which the measured ``|G|²`` was
+    resolved, and the final quality on the training set (mean over seeds); then the policy that reached that quality first at every seed."""
     sections: dict[str, list[str]] = {}
     trajectories: dict[str, list[str]] = {}
     by_task: dict[str, list[dict[str, Any]]] = {}
@@ -185,10 +188,12 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
             f"{s['final_batch_size']:g} |")
         trajectories.setdefault(s["task"], [
             f"| policy | batch size at {FRACTION_NAMES} of the samples | noise scale B_simple at the same | "
-            f"LR factor (adabatch's) at the same | evaluations with \\|G\\|² resolved |",
-            "|---|---|---|---|---|",
+            f"LR factor (adabatch's) at the same | evaluations with \\|G\\|² resolved | "
+            f"final {s['metric']} on the training set (mean) |",
+            "|---|---|---|---|---|---|",
         ]).append(f"| {s['policy']} | {_series(s['batch_size_at'], 'g')} | {_series(s['noise_scale_at'], '.3g')} | "
-                  f"{_series(s['lr_factor_at'], '.2f')} | {_number(s['resolved'], '.0%')} |")
+                  f"{_series(s['lr_factor_at'], '.2f')} | {_number(s['resolved'], '.0%')} | "
+                  f"{_number(s['train_quality'], digits)} |")
     return "\n\n".join(
         "\n\n".join(part for part in (f"### {task}", "\n".join(lines), "\n".join(trajectories[task]),
                                        _fastest(by_task[task])) if part)
