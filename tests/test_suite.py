@@ -225,14 +225,16 @@ def test_evaluations_fall_every_quarter_epoch_and_are_not_timed():
     assert baseline["wall_s"] < 0.2 * len(samples) / 2
 
 
-def test_the_sweep_scales_the_learning_rate_by_the_square_root_of_the_batch():
+def test_the_sweep_scales_the_learning_rate_by_the_square_root_of_the_batch_and_linearly():
     names = [p.name for p in policies(TASKS["cnn-sgd"], sweep=True)]
     assert names == ["baseline", "adaptive", "timetable", "adaptive-16", "fixed-16", "fixed-64", "fixed-128",
-                     "fixed-256", "fixed-512", "step-x2-late", "geometric", "doubling-sqrt"]
-    records = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2, policy_names=["fixed-128"])
+                     "fixed-256", "fixed-512", "fixed-64-linear", "fixed-128-linear", "fixed-256-linear",
+                     "step-x2-late", "geometric", "doubling-sqrt"]
+    records = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2,
+                       policy_names=["fixed-128", "fixed-128-linear"])
     factors = {r["policy"]: r["signals"][-1][2] for r in records}
-    assert factors == {"baseline": 1.0, "fixed-128": pytest.approx(2.0)}
-    assert [r["final_batch_size"] for r in records] == [32, 128]
+    assert factors == {"baseline": 1.0, "fixed-128": pytest.approx(2.0), "fixed-128-linear": pytest.approx(4.0)}
+    assert [r["final_batch_size"] for r in records] == [32, 128, 128]
     [_, default_start] = run_task(TASKS["cnn-sgd"], [1], sweep=True, quick=True, max_steps=2,
                                   policy_names=["adaptive-16"])
     assert default_start["final_batch_size"] == DEFAULT_START

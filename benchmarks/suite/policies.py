@@ -14,7 +14,9 @@ for the defaults' in a report.
 ``--sweep`` adds ``adaptive-16``, ``schedules.Adaptive()`` without a start (so at its default,
 16), and the oracle's candidates: fixed 16 … 512 with the learning rate scaled by the square
 root of the batch over the baseline's (for SGD too: the linear rule takes SGD at 0.05 to 0.8 at
-512, where it diverges), and three more timetables:
+512, where it diverges); fixed 64, 128 and 256 once more with the learning rate scaled linearly
+(``fixed-128-linear``: Goyal et al. 2017's rule, which keeps SGD's ratio of learning rate to
+batch, so its gradient noise, as the baseline's); and three more timetables:
 
 * ``step-x2-late``: ×2 at 1/2 and 3/4 of the epochs, learning rate kept;
 * ``geometric``: ×2 every 1/8 of the epochs up to the cap, learning rate kept;
@@ -31,11 +33,13 @@ from adabatch import schedules
 
 from .task import Task
 
-__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "Policy", "base_name", "policies"]
+__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "LINEAR_SWEEP_BATCH_SIZES", "Policy", "base_name", "policies"]
 
 #: The cap of every policy's batch.
 MAX_BATCH_SIZE = 1024
 SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256, 512)
+#: The fixed sizes the sweep also runs with the linear rule.
+LINEAR_SWEEP_BATCH_SIZES = (64, 128, 256)
 DEFAULT_POLICIES = ("baseline", "adaptive", "timetable")
 
 
@@ -83,6 +87,9 @@ def policies(task: Task, sweep: bool = False, adaptive_options: Mapping[str, Any
         if size != start:  # the baseline itself
             chosen.append(Policy(f"fixed-{size}", lambda epochs, size=size: schedules.Constant(size),
                                  lr_scaling="sqrt", reference_batch_size=start))
+    for size in LINEAR_SWEEP_BATCH_SIZES:
+        chosen.append(Policy(f"fixed-{size}-linear", lambda epochs, size=size: schedules.Constant(size),
+                             lr_scaling="linear", reference_batch_size=start))
     chosen += [
         Policy("step-x2-late", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 2, 3 / 4))),
         Policy("geometric", lambda epochs: schedules.Geometric(start, 2, every=epochs / 8, end=MAX_BATCH_SIZE)),
