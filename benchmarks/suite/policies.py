@@ -33,7 +33,8 @@ from adabatch import schedules
 
 from .task import Task
 
-__all__ = ["DEFAULT_POLICIES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "LINEAR_SWEEP_BATCH_SIZES", "Policy", "base_name", "policies"]
+__all__ = ["DEFAULT_POLICIES", "LINEAR_SWEEP_BATCH_SIZES", "MAX_BATCH_SIZE", "SWEEP_BATCH_SIZES", "Policy", "base_name",
+           "policies"]
 
 #: The cap of every policy's batch.
 MAX_BATCH_SIZE = 1024

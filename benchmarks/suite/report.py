@@ -165,7 +165,8 @@ def markdown(summaries: Iterable[dict[str, Any]]) -> str:
     baseline's final quality (as ratios to the baseline's whole run, and to its own time and
     steps to it); then the batch size, the noise scale and the learning-rate factor along the
     run (medians over seeds), the share of evaluations at which the measured ``|G|²`` was
-    resolved, and the final quality on the training set (mean over seeds); then the policy that reached that quality first at every seed."""
+    resolved, and the final quality on the training set (mean over seeds); then the policy that
+    reached that quality first at every seed."""
     sections: dict[str, list[str]] = {}
     trajectories: dict[str, list[str]] = {}
     by_task: dict[str, list[dict[str, Any]]] = {}

@@ -35,9 +35,10 @@ class Run:
     ``batch_sizes`` holds ``(samples seen, batch size)`` where the scheduled size changes (its
     first point at 0 samples); ``train_quality`` the final model's quality on the training set
     (beside the last point of ``curve``, on held-out data, it shows how far the task is limited
-    by what the model learns from its training data rather than by how well it fits it); ``signals`` the smoothed noise scale ``B_simple`` (``nan`` while
-    unmeasured), the learning-rate factor adabatch applied and the smoothed ``|G|²`` in units of
-    its standard error (``nan`` before two measurements), at each evaluation.
+    by what the model learns from its training data rather than by how well it fits it);
+    ``signals`` the smoothed noise scale ``B_simple`` (``nan`` while unmeasured), the
+    learning-rate factor adabatch applied and the smoothed ``|G|²`` in units of its standard
+    error (``nan`` before two measurements), at each evaluation.
     """
 
     task: str
@@ -114,6 +115,10 @@ def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_
         noise_scale, resolution = noise_signals(scheduler)
         run.signals.append((scheduler.samples_seen, noise_scale, scheduler.lr_factor, resolution))
 
+    def finished() -> Run:
+        run.train_quality = task.evaluate(model, train_set)  # untimed, as every evaluation
+        return run
+
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         begin, cpu_begin = time.perf_counter(), time.process_time()
@@ -129,12 +134,10 @@ def train(task: Task, policy: Policy, seed: int, train_set: TensorDataset, test_
                 evaluate()
                 next_eval += eval_every * math.ceil((scheduler.samples_seen - next_eval + 1) / eval_every)
                 if scheduler.steps == max_steps:
-                    run.train_quality = task.evaluate(model, train_set)
-                    return run
+                    return finished()
                 begin, cpu_begin = time.perf_counter(), time.process_time()
         wall_s += time.perf_counter() - begin
         cpu_s += time.process_time() - cpu_begin
     if run.curve[-1].samples != scheduler.samples_seen:
         evaluate()
-    run.train_quality = task.evaluate(model, train_set)  # untimed, as every evaluation
-    return run
+    return finished()
