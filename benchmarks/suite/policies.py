@@ -84,13 +84,11 @@ def policies(task: Task, sweep: bool = False, adaptive_options: Mapping[str, Any
     if not sweep:
         return chosen
     chosen.append(Policy(f"adaptive-16{suffix}", lambda epochs: schedules.Adaptive(**options)))
-    for size in SWEEP_BATCH_SIZES:
-        if size != start:  # the baseline itself
-            chosen.append(Policy(f"fixed-{size}", lambda epochs, size=size: schedules.Constant(size),
-                                 lr_scaling="sqrt", reference_batch_size=start))
-    for size in LINEAR_SWEEP_BATCH_SIZES:
-        chosen.append(Policy(f"fixed-{size}-linear", lambda epochs, size=size: schedules.Constant(size),
-                             lr_scaling="linear", reference_batch_size=start))
+    for sizes, rule, suffix in ((SWEEP_BATCH_SIZES, "sqrt", ""), (LINEAR_SWEEP_BATCH_SIZES, "linear", "-linear")):
+        for size in sizes:
+            if size != start:  # the baseline itself
+                chosen.append(Policy(f"fixed-{size}{suffix}", lambda epochs, size=size: schedules.Constant(size),
+                                     lr_scaling=rule, reference_batch_size=start))
     chosen += [
         Policy("step-x2-late", lambda epochs: schedules.Step(start, 2, _fractions(epochs, 1 / 2, 3 / 4))),
         Policy("geometric", lambda epochs: schedules.Geometric(start, 2, every=epochs / 8, end=MAX_BATCH_SIZE)),
